@@ -1,0 +1,137 @@
+"""QmailRoot: every path under a qmail root, computed in one place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+SPLIT = 23  # conf-split: hash subdirectories of mess/ info/ local/ remote/
+
+SPLIT_DIRS = ("mess", "info", "local", "remote")
+FLAT_DIRS = ("todo", "intd", "bounce", "pid", "lock", "hold", "state")
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("QMAILHOME") or "/var/qmail")
+
+
+class QmailRoot:
+    """The directory tree of one qmail installation (INTERFACE.md, "The qmail root")."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(os.path.abspath(path))
+
+    def __repr__(self) -> str:
+        return f"QmailRoot({str(self.path)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, QmailRoot) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    # top level
+    @property
+    def control(self) -> Path:
+        return self.path / "control"
+
+    @property
+    def alias(self) -> Path:
+        return self.path / "alias"
+
+    @property
+    def users(self) -> Path:
+        return self.path / "users"
+
+    @property
+    def etc(self) -> Path:
+        return self.path / "etc"
+
+    @property
+    def queue(self) -> Path:
+        return self.path / "queue"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "log"
+
+    @property
+    def run(self) -> Path:
+        return self.path / "run"
+
+    def control_file(self, name: str) -> Path:
+        return self.control / name
+
+    @property
+    def assign(self) -> Path:
+        return self.users / "assign"
+
+    @property
+    def users_cdb(self) -> Path:
+        return self.users / "cdb"
+
+    @property
+    def passwd(self) -> Path:
+        return self.users / "passwd"
+
+    @property
+    def tcp_smtp(self) -> Path:
+        return self.etc / "tcp.smtp"
+
+    @property
+    def tcp_pop3(self) -> Path:
+        return self.etc / "tcp.pop3"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.run / "lock"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run / "pid"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.run / "control.sock"
+
+    @property
+    def log_current(self) -> Path:
+        return self.log / "current"
+
+    # the queue (spec/queue.md §4)
+    def split(self, kind: str, msgid: int) -> Path:
+        return self.queue / kind / str(msgid % SPLIT) / str(msgid)
+
+    def mess(self, msgid: int) -> Path:
+        return self.split("mess", msgid)
+
+    def info(self, msgid: int) -> Path:
+        return self.split("info", msgid)
+
+    def channel(self, name: str, msgid: int) -> Path:
+        return self.split(name, msgid)
+
+    def todo(self, msgid: int) -> Path:
+        return self.queue / "todo" / str(msgid)
+
+    def intd(self, msgid: int) -> Path:
+        return self.queue / "intd" / str(msgid)
+
+    def bounce(self, msgid: int) -> Path:
+        return self.queue / "bounce" / str(msgid)
+
+    def hold(self, msgid: int) -> Path:
+        return self.queue / "hold" / str(msgid)
+
+    def state(self, msgid: int) -> Path:
+        return self.queue / "state" / str(msgid)
+
+    @property
+    def trigger(self) -> Path:
+        return self.queue / "lock" / "trigger"
+
+    @property
+    def nextid(self) -> Path:
+        return self.queue / "lock" / "nextid"

@@ -1,0 +1,1 @@
+"""The qmailtui console and command line."""
