@@ -42,12 +42,21 @@ INT_DEFAULTS = {
     "timeoutsmtpd": 1200,
     "timeoutremote": 1200,
     "timeoutconnect": 60,
+    # Not in qmail 1.03 (qmail-ldap's name): past this size a bounce carries only
+    # the original's header. 0 attaches the whole message, as qmail 1.03 does.
+    "bouncemaxbytes": 1_000_000,
 }
 LIST_FILES = ("locals", "rcpthosts", "morercpthosts", "percenthack", "badmailfrom")
 COLON_FILES = ("virtualdomains", "smtproutes")
 KNOWN_FILES = frozenset(
-    ["me", "defaultdelivery", *ME_DEFAULTS, *LITERAL_DEFAULTS, *INT_DEFAULTS, *LIST_FILES]
-    + [*COLON_FILES, "morercpthosts.cdb", "servercert.pem", "qmqpservers"]
+    [
+        *("me", "defaultdelivery", "morercpthosts.cdb", "servercert.pem", "qmqpservers"),
+        *ME_DEFAULTS,
+        *LITERAL_DEFAULTS,
+        *INT_DEFAULTS,
+        *LIST_FILES,
+        *COLON_FILES,
+    ]
 )
 CONCURRENCY_MAX = 1000  # qmail caps at conf-spawn (120); we have no spawn, but bound it
 
@@ -197,6 +206,7 @@ class Config:
     localiphost: str | None
     smtpgreeting: str | None
     defaultdelivery: tuple[str, ...]
+    bouncemaxbytes: int = 1_000_000
     problems: tuple[Problem, ...] = field(default=(), compare=False)
 
     @property
@@ -223,9 +233,7 @@ def read_me(root: QmailRoot, problems: list[Problem]) -> str | None:
     return read_line(root.control_file("me"), problems)
 
 
-def _colon_list(
-    path: Path, problems: list[Problem]
-) -> list[tuple[int, str, str]] | None:
+def _colon_list(path: Path, problems: list[Problem]) -> list[tuple[int, str, str]] | None:
     entries = read_list(path, problems)
     if entries is None:
         return None
@@ -304,15 +312,36 @@ def _defaultdelivery(root: QmailRoot, problems: list[Problem]) -> tuple[str, ...
     lines = _read_lines(path, problems)
     if lines is None:
         return ("./Maildir/",)
-    kept = tuple(
-        line.rstrip("\r") for line in lines if line.strip() and not line.startswith("#")
-    )
+    kept = tuple(line.rstrip("\r") for line in lines if line.strip() and not line.startswith("#"))
     if not kept:
         problems.append(
             Problem(path, None, "no delivery instruction: every local delivery would be lost")
         )
         return ("./Maildir/",)
     return kept
+
+
+def _unknown_files(root: QmailRoot, problems: list[Problem]) -> None:
+    """A misspelt control file is silently ignored by qmail; say so here."""
+    import difflib
+
+    try:
+        names = sorted(p.name for p in root.control.iterdir() if p.is_file())
+    except OSError:
+        return
+    for name in names:
+        if name in KNOWN_FILES or name.startswith(".") or "." in name:
+            continue
+        close = difflib.get_close_matches(name, sorted(KNOWN_FILES), n=1, cutoff=0.8)
+        if close:
+            problems.append(
+                Problem(
+                    root.control_file(name),
+                    None,
+                    f"no program reads this file; did you mean control/{close[0]}?",
+                    "warning",
+                )
+            )
 
 
 def load(root: QmailRoot) -> Config:
@@ -332,6 +361,7 @@ def load(root: QmailRoot) -> Config:
         )
     elif not HOSTNAME.fullmatch(me.lower()):
         problems.append(Problem(root.control_file("me"), 1, f"not a host name: {me!r}"))
+    _unknown_files(root, problems)
 
     def lv(name: str) -> str | None:
         return line_value(root, name, me, problems)
@@ -383,5 +413,6 @@ def load(root: QmailRoot) -> Config:
         localiphost=lv("localiphost"),
         smtpgreeting=lv("smtpgreeting"),
         defaultdelivery=_defaultdelivery(root, problems),
+        bouncemaxbytes=iv("bouncemaxbytes"),
         problems=tuple(problems),
     )

@@ -6,6 +6,7 @@ line turns them into one line on standard error and an exit code.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 from pathlib import Path
@@ -46,10 +47,8 @@ class Problem:
         """`FILE:LINE: error: MESSAGE`, FILE relative to the root when it is inside it."""
         name = str(self.path)
         if root is not None:
-            try:
+            with contextlib.suppress(ValueError):
                 name = str(self.path.relative_to(root))
-            except ValueError:
-                pass
         where = f"{name}:{self.line}" if self.line is not None else name
         text = f"{where}: {self.severity}: {self.message}"
         return f"{text} ({self.hint})" if self.hint else text
@@ -104,10 +103,8 @@ class UserError(Exception):
             return self.message
         name = str(self.path)
         if root is not None:
-            try:
+            with contextlib.suppress(ValueError):
                 name = str(self.path.relative_to(root))
-            except ValueError:
-                pass
         where = f"{name}:{self.line}" if self.line is not None else name
         return f"{where}: {self.message}"
 

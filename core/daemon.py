@@ -1,0 +1,267 @@
+"""Core: one running mail host. Takes the root's lock, wires the scheduler,
+the trigger, the control socket and the signals, and stops without losing
+anything. `offline()` gives the same Service to a command run with no core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from core import control, local
+from core.clock import Clock, SystemClock
+from core.control import Config
+from core.controlsock import ControlSocket
+from core.errors import ExitCode, Problem, UserError
+from core.events import Events
+from core.local import Result
+from core.log import Log
+from core.paths import QmailRoot
+from core.queue import Queue
+from core.send import Send
+from core.service import Service
+
+
+def lock_root(root: QmailRoot) -> int:
+    """Take run/lock; raise UserError naming the pid of the core holding it."""
+    try:
+        root.run.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(root.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise UserError(f"unable to open {root.lock_file}: {e.strerror}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"another core is running (pid {running_pid(root) or '?'})") from None
+    return fd
+
+
+def running_pid(root: QmailRoot) -> int | None:
+    try:
+        text = root.pid_file.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def check_root(root: QmailRoot) -> None:
+    if not root.path.is_dir():
+        raise UserError(f"{root.path}: no such qmail root (create one with qmailtui init)")
+    missing = Queue(root).missing_layout()
+    if missing:
+        raise UserError(f"{missing[0]}: missing; is {root.path} a qmail root?")
+
+
+def strict_config(root: QmailRoot) -> Config:
+    config = control.load(root)
+    if config.errors:
+        raise ConfigErrors(root, config.errors)
+    return config
+
+
+class ConfigErrors(UserError):
+    def __init__(self, root: QmailRoot, problems: list[Problem]) -> None:
+        lines = [p.format(root.path) for p in problems]
+        super().__init__("; ".join(lines), code=ExitCode.FAILURE)
+        self.problems = problems
+
+
+def make_send(
+    root: QmailRoot,
+    queue: Queue,
+    config: Callable[[], Config],
+    *,
+    clock: Clock,
+    log: Log,
+    events: Events,
+    executor: ThreadPoolExecutor,
+) -> Send:
+    async def deliver_local(recipient: str, sender: str, msgid: int, now: float) -> Result:
+        return await send.io(local.deliver, root, config(), queue, recipient, sender, msgid, now)
+
+    send = Send(
+        queue,
+        config,
+        clock=clock,
+        log=log,
+        events=events,
+        local=deliver_local,
+        executor=executor,
+    )
+    return send
+
+
+class Core:
+    def __init__(
+        self,
+        root: QmailRoot,
+        *,
+        clock: Clock | None = None,
+        log_stderr: bool = False,
+        ready: Callable[[str], None] | None = None,
+    ) -> None:
+        self.root = root
+        self.clock = clock or SystemClock()
+        self.events = Events()
+        self.log = Log(root.log, clock=self.clock, events=self.events, stderr=log_stderr)
+        self._ready = ready
+        self._config: Config | None = None
+        self.started = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self.send: Send | None = None
+        self.service: Service | None = None
+
+    def config(self) -> Config:
+        assert self._config is not None
+        return self._config
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def reload(self) -> list[Problem]:
+        """Re-read control/*; keep the last good configuration if the new one has errors."""
+        new = control.load(self.root)
+        if new.errors:
+            for problem in new.errors:
+                self.log.line(f"alert: {problem.format(self.root.path)}; keeping the last good one")
+            self.events.publish("config-rejected", problems=[p.as_dict() for p in new.errors])
+            return new.errors
+        self._config = new
+        self.log.line("info: configuration reloaded")
+        self.events.publish("config-reloaded")
+        if self.send is not None:
+            self.send.wake()
+        return []
+
+    def retry_all(self) -> None:
+        if self.send is not None:
+            self.send.retry_all()
+
+    async def run(self) -> None:
+        check_root(self.root)
+        lock = lock_root(self.root)
+        try:
+            await self._run_locked()
+        finally:
+            with contextlib.suppress(OSError):
+                self.root.pid_file.unlink()
+            os.close(lock)
+
+    async def _run_locked(self) -> None:
+        self._config = strict_config(self.root)
+        self.root.pid_file.write_text(f"{os.getpid()}\n")
+        loop = asyncio.get_running_loop()
+        self.events.bind(loop)
+        executor = ThreadPoolExecutor(64, thread_name_prefix="core")
+        queue = Queue(self.root, id_block=64)
+        self.send = make_send(
+            self.root,
+            queue,
+            self.config,
+            clock=self.clock,
+            log=self.log,
+            events=self.events,
+            executor=executor,
+        )
+        self.service = Service(self.root, self.send, self.config, self.clock)
+        sock = ControlSocket(self.root.control_socket, self.service)
+        trigger = self._listen_trigger(loop)
+        handled = self._signals(loop)
+        try:
+            await self.send.load()
+            await sock.start()
+            self.started.set()
+            if self._ready is not None:
+                self._ready("ready smtp=off pop3=off")
+            await self.send.run(self._stopping)
+        finally:
+            for signum in handled:
+                loop.remove_signal_handler(signum)
+            loop.remove_reader(trigger[0])
+            for fd in trigger:
+                os.close(fd)
+            await sock.close()
+            executor.shutdown(wait=True)
+            self.log.close()
+
+    def _listen_trigger(self, loop: asyncio.AbstractEventLoop) -> tuple[int, int]:
+        """Read lock/trigger; a writer of our own keeps it from reporting EOF forever."""
+        path = self.root.trigger
+        if not path.exists():
+            os.mkfifo(path, 0o622)
+        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        keeper = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+
+        def pulled() -> None:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(reader, 4096):
+                    pass
+            assert self.send is not None
+            self.send.wake_todo()
+
+        loop.add_reader(reader, pulled)
+        return reader, keeper
+
+    def _signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:
+        actions = {
+            signal.SIGTERM: self.stop,
+            signal.SIGINT: self.stop,
+            signal.SIGHUP: self.reload,
+            signal.SIGALRM: self.retry_all,
+        }
+        handled: list[int] = []
+        for signum, action in actions.items():
+            try:
+                loop.add_signal_handler(signum, action)
+                handled.append(signum)
+            except (RuntimeError, ValueError):
+                pass  # not the main thread (tests): the caller stops us with stop()
+        return handled
+
+
+@contextlib.asynccontextmanager
+async def offline(root: QmailRoot, clock: Clock | None = None) -> AsyncIterator[Service]:
+    """The Service on the files directly, under the root's lock (no core running)."""
+    check_root(root)
+    lock = lock_root(root)
+    executor = ThreadPoolExecutor(8, thread_name_prefix="offline")
+    clock = clock or SystemClock()
+    log = Log(root.log, clock=clock)
+    try:
+        config = control.load(root)
+        send = make_send(
+            root,
+            Queue(root),
+            lambda: config,
+            clock=clock,
+            log=log,
+            events=Events(),
+            executor=executor,
+        )
+        await send.load()
+        yield Service(root, send, lambda: config, clock)
+    finally:
+        executor.shutdown(wait=True)
+        log.close()
+        os.close(lock)
+
+
+def is_socket_alive(path: Path) -> bool:
+    import socket
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError as e:
+        return e.errno not in (errno.ECONNREFUSED, errno.ENOENT)
+    finally:
+        s.close()

@@ -1,0 +1,160 @@
+"""Durable Maildir delivery (maildir.5) and mbox appends: the only writer of mailboxes.
+
+Maildir: write tmp/NAME, fsync, link to new/NAME, fsync new/. The link is the
+delivery; a reader never sees a partial file. Names follow the modern unique
+form `TIME.M<usec>P<pid>Q<n>.HOST` (spec/maildir.md §1.4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import itertools
+import os
+import socket
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from core.timefmt import mbox_date
+
+_deliveries = itertools.count(1)
+_HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")[:64] or "localhost"
+COPY_CHUNK = 1 << 16
+MBOX_LOCK_WAIT = 30.0
+
+
+class MailboxError(Exception):
+    """A failed delivery; `text` in qmail-local's words, `permanent` its exit 100."""
+
+    def __init__(self, text: str, permanent: bool = False) -> None:
+        super().__init__(text)
+        self.text = text
+        self.permanent = permanent
+
+
+def unique_name(now: float) -> str:
+    seconds = int(now)
+    usec = int((now - seconds) * 1_000_000)
+    return f"{seconds}.M{usec}P{os.getpid()}Q{next(_deliveries)}.{_HOST}"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _copy(fd: int, source: Path, transform: Iterable[bytes] | None = None) -> None:
+    if transform is not None:
+        for chunk in transform:
+            _write_all(fd, chunk)
+        return
+    with open(source, "rb") as f:
+        while chunk := f.read(COPY_CHUNK):
+            _write_all(fd, chunk)
+
+
+def deliver_maildir(maildir: Path, header: bytes, message: Path) -> str:
+    """Deliver header + the message file into `maildir`; return the new/ name."""
+    if not (maildir / "tmp").is_dir() or not (maildir / "new").is_dir():
+        raise MailboxError("Unable to chdir to maildir. (#4.2.1)")
+    for _ in range(3):
+        name = unique_name(time.time())
+        tmp = maildir / "tmp" / name
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            break
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise MailboxError("Temporary error on maildir delivery. (#4.3.0)") from e
+    else:
+        raise MailboxError("Temporary error on maildir delivery. (#4.3.0)")
+    try:
+        try:
+            _write_all(fd, header)
+            _copy(fd, message)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(tmp, maildir / "new" / name)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, FileNotFoundError) and e.filename == str(message):
+            raise MailboxError("Unable to read message. (#4.3.0)") from e
+        raise MailboxError("Temporary error on maildir delivery. (#4.3.0)") from e
+    with contextlib.suppress(OSError):
+        tmp.unlink()
+    fd = os.open(maildir / "new", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)  # the link is the delivery: make it durable before saying so
+    finally:
+        os.close(fd)
+    return name
+
+
+def from_line(sender: str, now: float) -> bytes:
+    who = sender or "MAILER-DAEMON"
+    for ch in " \t\n":
+        who = who.replace(ch, "-")
+    return f"From {who} {mbox_date(now)}\n".encode("utf-8", "surrogateescape")
+
+
+def _mboxrd(message: Path) -> Iterable[bytes]:
+    """The message with `>*From ` lines quoted one level deeper, ending in NL + blank."""
+    last = b"\n"
+    with open(message, "rb") as f:
+        for line in f:
+            stripped = line.lstrip(b">")
+            if stripped.startswith(b"From "):
+                line = b">" + line
+            last = line
+            yield line
+    yield b"\n" if last.endswith(b"\n") else b"\n\n"
+
+
+def deliver_mbox(path: Path, header: bytes, message: Path, sender: str) -> None:
+    """Append to an mbox under an exclusive flock; on error truncate back."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise MailboxError(f"Unable to open {path}: {_reason(e)}. (#4.2.1)") from e
+    try:
+        locked = _lock(fd)
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            _write_all(fd, from_line(sender, time.time()) + header)
+            _copy(fd, message, _mboxrd(message))
+            os.fsync(fd)
+        except OSError as e:
+            if locked:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+            raise MailboxError(f"Unable to write {path}: {_reason(e)}. (#4.3.0)") from e
+    finally:
+        os.close(fd)
+
+
+def _lock(fd: int) -> bool:
+    deadline = time.monotonic() + MBOX_LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise MailboxError(
+                    "File has been locked for 30 seconds straight. (#4.3.0)"
+                ) from None
+            time.sleep(0.1)
+        except OSError:
+            return False  # locking impossible here: deliver unlocked, as qmail does
+
+
+def _reason(e: OSError) -> str:
+    from core.errors import os_reason
+
+    return os_reason(e) if e.errno != errno.EEXIST else "file already exists"

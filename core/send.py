@@ -1,0 +1,771 @@
+"""The scheduler (qmail-send): preprocessing, passes, deliveries, bounces, removal.
+
+Each message has one record per recipient in local/S/N or remote/S/N. When a
+channel of a message is due, a *pass* starts: its retry time is computed
+(retry.py), and a job for every pending recipient joins that channel's FIFO.
+At most `concurrencylocal` / `concurrencyremote` jobs run at once, each its own
+task, so a slow delivery holds one slot and nothing else. When every job of a
+pass has reported, the channel file is removed (all done) or the message is
+due again at the retry time. A message with no channel left is finished: its
+bounce (if any) is queued, then its files are removed.
+
+All file work is done by queue.py in worker threads: the event loop never
+blocks on a disk, and fsyncs of different messages overlap.
+
+Admin operations (retry, hold, release, bounce, delete) are methods here, so
+that the command line with no core running (`offline`) and a running core
+call the very same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import heapq
+import json
+import os
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from core import bounce as bounces
+from core import retry
+from core.clock import Clock
+from core.control import Config
+from core.events import Events
+from core.local import Result
+from core.log import Log, safe
+from core.queue import CHANNELS, Queue, QueueError, Record
+from core.rewrite import route, unvirtual
+
+T = TypeVar("T")
+Deliverer = Callable[[str, str, int, float], Awaitable[Result]]
+TODO_SCAN = 60.0  # seconds between scans of todo/ besides the trigger (qmail: 1500)
+SYSFAIL = 123.0  # qmail-send's retry delay after a system error
+PREPROCESS_AT_ONCE = 8
+ADMIN_BOUNCE = "Sorry, the postmaster gave up on this message. (#5.0.0)\n"
+
+
+@dataclass
+class Recipient:
+    """One record of a channel file, plus what we know of its attempts."""
+
+    channel: str
+    address: str
+    offset: int
+    done: bool = False
+    bounced: bool = False
+    attempts: int = 0
+    last_reply: str | None = None
+    last_attempt: float | None = None
+    busy: bool = False
+
+
+@dataclass
+class Message:
+    id: int
+    sender: str
+    birth: float
+    size: int
+    uid: int = 0
+    qp: int = 0
+    held: bool = False
+    preprocessed: bool = True
+    recipients: list[Recipient] = field(default_factory=list)
+    due: dict[str, float] = field(default_factory=dict)  # channel -> next pass
+    passes: dict[str, Pass] = field(default_factory=dict)
+    giving_up: bool = False  # bounce requested: deferrals become failures
+    removed: bool = False
+    finishing: bool = False
+
+    def pending(self, channel: str | None = None) -> list[Recipient]:
+        return [
+            r for r in self.recipients if not r.done and (channel is None or r.channel == channel)
+        ]
+
+    def channels(self) -> list[str]:
+        return [c for c in CHANNELS if any(r.channel == c for r in self.recipients)]
+
+
+@dataclass
+class Pass:
+    message: Message
+    channel: str
+    started: float
+    next_due: float
+    dying: bool
+    outstanding: int = 0
+
+
+@dataclass
+class Job:
+    message: Message
+    recipient: Recipient
+    pass_: Pass
+
+
+@dataclass(frozen=True, slots=True)
+class ActionResult:
+    action: str
+    ids: list[int]
+    done: list[int]
+    failed: dict[int, str]
+    dry_run: bool
+
+    @property
+    def summary(self) -> str:
+        verb = {"retry": "retried", "hold": "held", "release": "released"}.get(
+            self.action, self.action + "d" if self.action.endswith("e") else self.action + "ed"
+        )
+        if self.dry_run:
+            return f"would act on {len(self.ids)} message(s)"
+        text = f"{verb} {len(self.done)} message(s)"
+        if self.failed:
+            text += f", {len(self.failed)} failed"
+        return text
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "ids": self.ids,
+            "done": self.done,
+            "failed": {str(k): v for k, v in self.failed.items()},
+            "dry_run": self.dry_run,
+            "summary": self.summary,
+        }
+
+
+async def _no_remote(recipient: str, sender: str, msgid: int, now: float) -> Result:
+    return Result("Z", "Sorry, remote delivery is not available in this version yet. (#4.3.0)\n")
+
+
+class Send:
+    def __init__(
+        self,
+        queue: Queue,
+        config: Callable[[], Config],
+        *,
+        clock: Clock,
+        log: Log,
+        events: Events | None = None,
+        local: Deliverer,
+        remote: Deliverer = _no_remote,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
+        self.queue = queue
+        self.config = config
+        self.clock = clock
+        self.log = log
+        self.events = events or Events()
+        self.deliverers = {"local": local, "remote": remote}
+        self.executor = executor or ThreadPoolExecutor(64, thread_name_prefix="queue")
+        self.messages: dict[int, Message] = {}
+        self.jobs: dict[str, collections.deque[Job]] = {c: collections.deque() for c in CHANNELS}
+        self.active = dict.fromkeys(CHANNELS, 0)
+        self._heap: list[tuple[float, int, str]] = []
+        self._delivery_numbers = 0
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._preprocessing: set[int] = set()
+        self._todo_slots = asyncio.Semaphore(PREPROCESS_AT_ONCE)
+        self._stopping = False
+        self._scan_now = False
+        self.loaded = asyncio.Event()
+
+    # -- plumbing ---------------------------------------------------------
+
+    async def io(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self.log.line(f"alert: internal error: {exc!r}")
+
+    def wake(self) -> None:
+        """Something changed (slot freed, admin action): look again."""
+        self._wake.set()
+
+    def wake_todo(self) -> None:
+        """The trigger was pulled: a new message is in todo/."""
+        self._scan_now = True
+        self._wake.set()
+
+    def limit(self, channel: str) -> int:
+        config = self.config()
+        return config.concurrencylocal if channel == "local" else config.concurrencyremote
+
+    def status(self) -> str:
+        text = (
+            f"status: local {self.active['local']}/{self.limit('local')}"
+            f" remote {self.active['remote']}/{self.limit('remote')}"
+        )
+        return text + (" exitasap" if self._stopping else "")
+
+    def _log_status(self) -> None:
+        self.log.line(self.status())
+        self.events.publish(
+            "concurrency",
+            local=self.active["local"],
+            local_max=self.limit("local"),
+            remote=self.active["remote"],
+            remote_max=self.limit("remote"),
+        )
+
+    def _schedule(self, message: Message, channel: str, when: float) -> None:
+        message.due[channel] = when
+        heapq.heappush(self._heap, (when, message.id, channel))
+
+    # -- loading ------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Rebuild the schedule from info/ (send.md §4.2), then note todo/."""
+        ids = await self.io(self.queue.info_ids)
+        held = await self.io(self.queue.held_ids)
+        for msgid in ids:
+            message = await self.io(self._load_message, msgid)
+            if message is None:
+                continue
+            message.held = msgid in held
+            self.messages[msgid] = message
+            for channel in message.channels():
+                if message.pending(channel):
+                    self._schedule(message, channel, message.due[channel])
+        for msgid in await self.io(self.queue.todo_ids):
+            if msgid not in self.messages:
+                message = await self.io(self._load_todo, msgid)
+                if message is not None:
+                    message.held = msgid in held
+                    self.messages[msgid] = message
+        self.loaded.set()
+
+    def _load_message(self, msgid: int) -> Message | None:
+        try:
+            sender, birth = self.queue.read_info(msgid)
+            size = self.queue.message_size(msgid)
+        except (OSError, ValueError) as e:
+            self.log.line(f"warning: trouble with #{msgid}: {e}")
+            return None
+        message = Message(msgid, sender, birth, size)
+        for channel in CHANNELS:
+            found = self.queue.read_channel(channel, msgid)
+            if found is None:
+                continue
+            records, due = found
+            message.due[channel] = due
+            message.recipients += (
+                Recipient(channel, r.address, r.offset, done=r.done) for r in records
+            )
+        self._apply_state(message)
+        return message
+
+    def _apply_state(self, message: Message) -> None:
+        """Attempts and replies from state/N; failures from bounce/N."""
+        raw = self.queue.read_state(message.id)
+        known: dict[str, dict[str, Any]] = {}
+        if raw:
+            with contextlib.suppress(ValueError):
+                known = json.loads(raw).get("recipients", {})
+        failed = set()
+        text = self.queue.read_bounce(message.id)
+        if text:
+            for line in text.split(b"\n"):
+                if line.startswith(b"<") and line.endswith(b">:"):
+                    failed.add(line[1:-2].decode("utf-8", "surrogateescape"))
+        config = self.config()
+        for r in message.recipients:
+            info = known.get(f"{r.channel}:{r.address}", {})
+            r.attempts = int(info.get("attempts", 0))
+            r.last_reply = info.get("last_reply")
+            r.last_attempt = info.get("last_attempt")
+            r.bounced = bool(info.get("bounced")) or (
+                r.done and unvirtual(config, r.address) in failed
+            )
+
+    def _load_todo(self, msgid: int) -> Message | None:
+        """A queued but not yet preprocessed message, shown with its routed recipients."""
+        try:
+            envelope = self.queue.read_todo(msgid)
+            path = self.queue.root.todo(msgid)
+            birth = path.stat().st_mtime
+            size = self.queue.message_size(msgid)
+        except (OSError, ValueError):
+            return None
+        config = self.config()
+        message = Message(
+            msgid, envelope.sender, birth, size, envelope.uid, envelope.pid, preprocessed=False
+        )
+        for rcpt in envelope.recipients:
+            routed = route(config, rcpt)
+            message.recipients.append(Recipient(routed.channel, routed.address, -1))
+        return message
+
+    # -- the main loop ------------------------------------------------------
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        if not self.loaded.is_set():
+            await self.load()
+        removed = await self.io(self.queue.cleanup_orphans, self.clock.now())
+        for path in removed:
+            self.log.line(f"warning: removed {path.relative_to(self.queue.dir)} left by a crash")
+        self._log_status()
+        for message in list(self.messages.values()):
+            if not message.preprocessed:
+                self.messages.pop(message.id)
+            elif not message.channels() or not message.pending():
+                self._spawn(self._finish(message))
+        stop_task = asyncio.ensure_future(stopping.wait())
+        next_scan = 0.0
+        try:
+            while not stopping.is_set():
+                now = self.clock.now()
+                if now >= next_scan or self._scan_now:
+                    self._scan_now = False
+                    await self.scan_todo()
+                    next_scan = now + TODO_SCAN
+                self._start_due_passes(now)
+                self._fill()
+                timeout = min(next_scan, self._next_due()) - self.clock.now()
+                self._wake.clear()
+                if timeout > 0:
+                    wake_task = asyncio.ensure_future(self._wake.wait())
+                    await asyncio.wait(
+                        {wake_task, stop_task},
+                        timeout=min(timeout + 0.01, 86400.0),
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    wake_task.cancel()
+        finally:
+            stop_task.cancel()
+        await self._drain()
+
+    async def _drain(self) -> None:
+        """TERM: start nothing new; let running deliveries finish and be recorded."""
+        self._stopping = True
+        for channel in CHANNELS:
+            for job in self.jobs[channel]:
+                job.pass_.outstanding -= 1
+            self.jobs[channel].clear()
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+        for message in self.messages.values():
+            for channel, when in message.due.items():
+                if message.pending(channel):
+                    await self.io(self.queue.set_due, channel, message.id, when)
+        self.log.line("status: exiting")
+
+    def _next_due(self) -> float:
+        while self._heap:
+            when, msgid, channel = self._heap[0]
+            message = self.messages.get(msgid)
+            if (
+                message is None
+                or message.removed
+                or message.due.get(channel) != when
+                or channel in message.passes
+            ):
+                heapq.heappop(self._heap)
+                continue
+            if message.held:
+                heapq.heappop(self._heap)  # release() schedules it again
+                continue
+            return when
+        return float("inf")
+
+    # -- todo: preprocessing ---------------------------------------------
+
+    async def scan_todo(self) -> None:
+        ids = await self.io(self.queue.todo_ids)
+        for msgid in ids:
+            if msgid not in self._preprocessing and msgid not in self.messages:
+                self._preprocessing.add(msgid)
+                self._spawn(self._preprocess(msgid))
+
+    async def _preprocess(self, msgid: int) -> None:
+        try:
+            async with self._todo_slots:
+                await self._preprocess_one(msgid)
+        finally:
+            self._preprocessing.discard(msgid)
+        self.wake()
+
+    async def _preprocess_one(self, msgid: int) -> None:
+        now = self.clock.now()
+        try:
+            envelope = await self.io(self.queue.read_todo, msgid)
+            size = await self.io(self.queue.message_size, msgid)
+        except FileNotFoundError:
+            return  # deleted meanwhile
+        except (OSError, ValueError) as e:
+            self.log.line(f"warning: trouble reading todo/{msgid}: {e}")
+            return
+        self.log.line(f"new msg {msgid}")
+        self.log.line(
+            f"info msg {msgid}: bytes {size} from <{safe(envelope.sender)}>"
+            f" qp {envelope.pid} uid {envelope.uid}"
+        )
+        config = self.config()
+        split: dict[str, list[str]] = {c: [] for c in CHANNELS}
+        for rcpt in envelope.recipients:
+            routed = route(config, rcpt)
+            split[routed.channel].append(routed.address)
+        try:
+            await self.io(
+                self.queue.preprocess, msgid, envelope.sender, split["local"], split["remote"], now
+            )
+        except OSError as e:
+            self.log.line(f"warning: trouble preprocessing todo/{msgid}: {e.strerror}")
+            return
+        message = Message(msgid, envelope.sender, now, size, envelope.uid, envelope.pid)
+        for channel in CHANNELS:
+            offset = 0
+            for address in split[channel]:
+                message.recipients.append(Recipient(channel, address, offset))
+                offset += len(address.encode("utf-8", "surrogateescape")) + 2
+        message.held = await self.io(self.queue.root.hold(msgid).exists)
+        self.messages[msgid] = message
+        self.events.publish("queued", id=msgid, sender=envelope.sender, size=size)
+        if not message.recipients:
+            await self._finish(message)
+            return
+        for channel in message.channels():
+            self._schedule(message, channel, now)
+
+    # -- passes and jobs ------------------------------------------------------
+
+    def _start_due_passes(self, now: float) -> None:
+        while self._heap and self._next_due() <= now:
+            _, msgid, channel = heapq.heappop(self._heap)
+            message = self.messages[msgid]
+            self._start_pass(message, channel, now)
+
+    def _start_pass(self, message: Message, channel: str, now: float) -> None:
+        pending = [r for r in message.pending(channel) if not r.busy]
+        if not pending or channel in message.passes or message.held:
+            return
+        lifetime = self.config().queuelifetime
+        p = Pass(
+            message,
+            channel,
+            now,
+            retry.next_attempt(message.birth, now, channel),
+            retry.is_expired(message.birth, now, lifetime),
+        )
+        message.passes[channel] = p
+        message.due.pop(channel, None)
+        for recipient in pending:
+            recipient.busy = True
+            p.outstanding += 1
+            self.jobs[channel].append(Job(message, recipient, p))
+
+    def _fill(self) -> None:
+        for channel in CHANNELS:
+            queue = self.jobs[channel]
+            while queue and self.active[channel] < self.limit(channel) and not self._stopping:
+                job = queue.popleft()
+                self.active[channel] += 1
+                self._spawn(self._run_job(job))
+
+    async def _run_job(self, job: Job) -> None:
+        message, recipient, channel = job.message, job.recipient, job.pass_.channel
+        self._delivery_numbers += 1
+        number = self._delivery_numbers
+        try:
+            if message.removed:
+                return
+            self.log.line(
+                f"starting delivery {number}: msg {message.id} to {channel}"
+                f" {safe(recipient.address)}"
+            )
+            self._log_status()
+            self.events.publish(
+                "delivery-started",
+                number=number,
+                id=message.id,
+                channel=channel,
+                recipient=recipient.address,
+            )
+            now = self.clock.now()
+            try:
+                result = await self.deliverers[channel](
+                    recipient.address, message.sender, message.id, now
+                )
+            except Exception as e:  # a bug in a deliverer must not lose the message
+                result = Result("Z", f"Internal error in delivery: {e!r} (#4.3.0)\n")
+            await self._record(number, job, result)
+        finally:
+            self.active[channel] -= 1
+            recipient.busy = False
+            job.pass_.outstanding -= 1
+            if job.pass_.outstanding == 0:
+                await self._end_pass(job.pass_)
+            self._log_status()
+            self._fill()
+
+    async def _record(self, number: int, job: Job, result: Result) -> None:
+        message, recipient = job.message, job.recipient
+        status, text = result.status, result.text
+        if status == "Z" and (job.pass_.dying or message.giving_up):
+            status = "D"
+            text = (text if text.endswith("\n") else text + "\n") + (
+                retry.EXPIRED_TEXT if job.pass_.dying else ADMIN_BOUNCE
+            )
+        word = {"K": "success", "Z": "deferral", "D": "failure"}.get(status)
+        if word is None:
+            self.log.line(f"delivery {number}: report mangled, will defer")
+            status = "Z"
+        else:
+            self.log.line(f"delivery {number}: {word}: {safe(text)}")
+        recipient.attempts += 1
+        recipient.last_reply = text.rstrip("\n")
+        recipient.last_attempt = self.clock.now()
+        if message.removed:
+            return
+        try:
+            if status == "D":
+                config = self.config()
+                await self.io(
+                    self.queue.append_bounce,
+                    message.id,
+                    unvirtual(config, recipient.address),
+                    text,
+                )
+                recipient.bounced = True
+            if status in ("K", "D"):
+                await self.io(self.queue.mark_done, recipient.channel, message.id, recipient.offset)
+                recipient.done = True
+        except OSError as e:
+            self.log.line(f"warning: trouble marking {recipient.channel}/{message.id}: {e}")
+        self.events.publish(
+            "delivery-finished",
+            number=number,
+            id=message.id,
+            channel=recipient.channel,
+            recipient=recipient.address,
+            result=status,
+            text=text,
+        )
+
+    async def _end_pass(self, p: Pass) -> None:
+        message, channel = p.message, p.channel
+        if message.passes.get(channel) is p:
+            del message.passes[channel]
+        if message.removed:
+            return
+        if not message.pending(channel):
+            await self.io(self.queue.remove_channel, channel, message.id)
+            if not message.pending() and not message.passes:
+                await self._finish(message)
+                return
+        else:
+            when = p.next_due
+            if message.giving_up:
+                when = self.clock.now()
+            self._schedule(message, channel, when)
+            await self.io(self.queue.set_due, channel, message.id, when)
+        await self.io(self._save_state, message)
+
+    def _save_state(self, message: Message) -> None:
+        data = {
+            "recipients": {
+                f"{r.channel}:{r.address}": {
+                    "attempts": r.attempts,
+                    "last_reply": r.last_reply,
+                    "last_attempt": r.last_attempt,
+                    "bounced": r.bounced,
+                }
+                for r in message.recipients
+                if r.attempts or r.bounced
+            }
+        }
+        with contextlib.suppress(OSError):
+            self.queue.write_state(message.id, json.dumps(data).encode())
+
+    # -- finishing: bounce, then removal (queue.md §6.3) ---------------------
+
+    async def _finish(self, message: Message) -> None:
+        if message.finishing or message.removed:
+            return
+        message.finishing = True
+        try:
+            for channel in CHANNELS:
+                await self.io(self.queue.remove_channel, channel, message.id)
+            reports = await self.io(self.queue.read_bounce, message.id)
+            if reports is not None and not await self._send_bounce(message, reports):
+                message.finishing = False
+                self._retry_finish_later(message)
+                return
+            self.log.line(f"end msg {message.id}")
+            message.removed = True
+            self.messages.pop(message.id, None)
+            await self.io(self.queue.remove_message, message.id)
+            self.events.publish("removed", id=message.id)
+        except OSError as e:
+            message.finishing = False
+            self.log.line(f"warning: trouble finishing msg {message.id}: {e}")
+            self._retry_finish_later(message)
+
+    def _retry_finish_later(self, message: Message) -> None:
+        async def later() -> None:
+            await asyncio.sleep(SYSFAIL)
+            await self._finish(message)
+
+        self._spawn(later())
+
+    async def _send_bounce(self, message: Message, reports: bytes) -> bool:
+        config = self.config()
+        original = await self.io(self.queue.read_message, message.id)
+        made = bounces.make_bounce(
+            sender=message.sender,
+            reports=reports,
+            original=original,
+            bouncefrom=config.bouncefrom,
+            bouncehost=config.bouncehost,
+            doublebounce_recipient=f"{config.doublebounceto}@{config.doublebouncehost}",
+            now=self.clock.now(),
+            max_bytes=config.bouncemaxbytes,
+        )
+        if made is None:
+            self.log.line(f"triple bounce: discarding bounce/{message.id}")
+        else:
+            try:
+                new = await self.io(self._enqueue_bounce, made)
+            except QueueError:
+                self.log.line("warning: trouble injecting bounce message, will try later")
+                return False
+            self.log.line(f"bounce msg {message.id} qp {new}")
+        await self.io(self.queue.remove_bounce, message.id)
+        return True
+
+    def _enqueue_bounce(self, made: bounces.Bounce) -> int:
+        return self.queue.enqueue(
+            made.message,
+            made.sender,
+            [made.recipient],
+            uid=os.getuid(),
+            pid=os.getpid(),
+            invoked="invoked for bounce",
+            now=self.clock.now(),
+        )
+
+    # -- admin operations ---------------------------------------------------
+
+    def retry_all(self) -> None:
+        """ALRM: every pending message not held is due now (send.md §4.3)."""
+        self._act_retry(list(self.messages.values()))
+
+    def _act_retry(self, messages: Iterable[Message]) -> list[int]:
+        now = self.clock.now()
+        done = []
+        for message in messages:
+            if message.held or message.removed:
+                continue
+            for channel in message.channels():
+                if message.pending(channel) and channel not in message.passes:
+                    self._schedule(message, channel, now)
+            done.append(message.id)
+        self.wake()
+        return done
+
+    async def act(self, action: str, ids: list[int], dry_run: bool = False) -> ActionResult:
+        """retry | hold | release | bounce | delete, on messages by id."""
+        failed: dict[int, str] = {}
+        targets = []
+        for msgid in ids:
+            message = self.messages.get(msgid)
+            if message is None or message.removed:
+                failed[msgid] = "no such message in the queue"
+            else:
+                targets.append(message)
+        if dry_run:
+            return ActionResult(action, [m.id for m in targets], [], failed, True)
+        done: list[int] = []
+        for message in targets:
+            try:
+                if await self._act_one(action, message):
+                    done.append(message.id)
+                else:
+                    failed[message.id] = f"cannot {action} a message that is held"
+            except OSError as e:
+                failed[message.id] = f"{e.strerror or e}"
+        self.wake()
+        return ActionResult(action, [m.id for m in targets], done, failed, False)
+
+    async def _act_one(self, action: str, message: Message) -> bool:
+        if action == "retry":
+            if message.held:
+                return False
+            if not message.preprocessed:
+                self.wake()  # it is in todo/: it will start as soon as it is preprocessed
+                return True
+            self._act_retry([message])
+            for channel, when in list(message.due.items()):
+                await self.io(self.queue.set_due, channel, message.id, when)
+            self.log.line(f"info msg {message.id}: retry requested")
+        elif action in ("hold", "release"):
+            held = action == "hold"
+            await self.io(self.queue.set_held, message.id, held)
+            message.held = held
+            self.log.line(f"info msg {message.id}: {'held' if held else 'released'}")
+            if not held:
+                now = self.clock.now()
+                for channel in message.channels():
+                    if message.pending(channel) and channel not in message.passes:
+                        self._schedule(message, channel, now)
+                        await self.io(self.queue.set_due, channel, message.id, now)
+            self.events.publish("changed", id=message.id, held=held)
+        elif action == "bounce":
+            await self._give_up(message)
+        elif action == "delete":
+            await self._delete(message)
+        else:
+            raise ValueError(action)
+        return True
+
+    async def _give_up(self, message: Message) -> None:
+        if not message.preprocessed:
+            await self._preprocess_one(message.id)
+            message = self.messages.get(message.id, message)
+        message.giving_up = True
+        message.held = False
+        await self.io(self.queue.set_held, message.id, False)
+        self.log.line(f"info msg {message.id}: bounce requested")
+        config = self.config()
+        for recipient in message.pending():
+            if recipient.busy:
+                continue  # its delivery is running; a deferral will become a failure
+            await self.io(
+                self.queue.append_bounce,
+                message.id,
+                unvirtual(config, recipient.address),
+                ADMIN_BOUNCE,
+            )
+            await self.io(self.queue.mark_done, recipient.channel, message.id, recipient.offset)
+            recipient.done = recipient.bounced = True
+            recipient.last_reply = ADMIN_BOUNCE.rstrip("\n")
+        if not message.passes:
+            await self._finish(message)
+
+    async def _delete(self, message: Message) -> None:
+        message.removed = True
+        self.messages.pop(message.id, None)
+        for channel in CHANNELS:
+            self.jobs[channel] = collections.deque(
+                j for j in self.jobs[channel] if j.message is not message
+            )
+        await self.io(self.queue.remove_message, message.id)
+        self.log.line(f"info msg {message.id}: deleted by the postmaster")
+        self.log.line(f"end msg {message.id}")
+        self.events.publish("removed", id=message.id)
+
+
+def pending_records(records: Iterable[Record]) -> list[Record]:
+    return [r for r in records if not r.done]

@@ -1,0 +1,161 @@
+"""The requests a client may make of the core, answered by one piece of code
+whether the core is running (over the control socket) or not (in-process,
+under the root's lock): queue listings, "why is it stuck", and actions."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+from core import admin
+from core.clock import Clock
+from core.control import Config
+from core.log import read_lines
+from core.paths import QmailRoot
+from core.send import Send
+
+PROTOCOL_VERSION = 1
+ACTIONS = ("retry", "bounce", "delete", "hold", "release")
+SHOW_MAX = 1_000_000  # bytes of a message that `show` returns
+
+
+class ServiceError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def message_log(lines: list[str], msgid: int) -> list[str]:
+    """The log lines about one message, following its delivery numbers."""
+    mine: set[str] = set()
+    out = []
+    tag = re.compile(rf"\b(msg {msgid})(:|\s|$)")
+    for line in lines:
+        text = line.split(" ", 1)[1] if line.startswith("@") else line
+        if text.startswith("starting delivery "):
+            number = text.split()[2].rstrip(":")
+            if tag.search(text):
+                mine.add(number)
+                out.append(line)
+            else:
+                mine.discard(number)  # the number was reused after a restart
+        elif text.startswith("delivery "):
+            number = text.split()[1].rstrip(":")
+            if number in mine:
+                out.append(line)
+                mine.discard(number)
+        elif tag.search(text):
+            out.append(line)
+    return out
+
+
+class Service:
+    def __init__(
+        self, root: QmailRoot, send: Send, config: Callable[[], Config], clock: Clock
+    ) -> None:
+        self.root = root
+        self.send = send
+        self.config = config
+        self.clock = clock
+
+    async def handle(self, op: str, args: dict[str, Any]) -> Any:
+        method = getattr(self, "op_" + op.replace("-", "_"), None)
+        if method is None:
+            raise ServiceError("unknown-op", f"unknown request {op!r}")
+        return await method(args)
+
+    async def op_ping(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"version": PROTOCOL_VERSION, "pid": os.getpid(), "root": str(self.root.path)}
+
+    async def op_qstat(self, args: dict[str, Any]) -> dict[str, int]:
+        messages, todo = await self.send.io(self.send.queue.count)
+        return {"messages": messages, "todo": todo}
+
+    def _select(self, args: dict[str, Any]) -> list[Any]:
+        ids = args.get("ids")
+        if ids is not None and not (
+            isinstance(ids, list)
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+        ):
+            raise ServiceError("bad-request", "ids must be a list of message numbers")
+        try:
+            flt = admin.Filter.from_dict(args.get("filter") or {})
+        except ValueError as e:
+            raise ServiceError("bad-request", str(e)) from None
+        if ids is None and flt.is_empty and not args.get("everything", False):
+            raise ServiceError("bad-request", "name messages by id or by a filter (or --all)")
+        return admin.select(self.send.messages.values(), ids, flt, self.clock.now(), self.config())
+
+    async def op_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        chosen = self._select({**args, "everything": True})
+        total = len(chosen)
+        offset = int(args.get("offset", 0))
+        limit = args.get("limit")
+        page = chosen[offset : offset + int(limit)] if limit is not None else chosen[offset:]
+        config = self.config()
+        result: dict[str, Any] = {
+            "total": total,
+            "offset": offset,
+            "messages": [admin.message_json(m, config) for m in page],
+        }
+        if args.get("format") == "qread":
+            bouncing = {m.id: await self.send.io(self.root.bounce(m.id).exists) for m in page}
+            result["text"] = admin.qread((m, bouncing[m.id]) for m in page)
+        return result
+
+    async def op_show(self, args: dict[str, Any]) -> dict[str, Any]:
+        msgid = args.get("id")
+        if not isinstance(msgid, int):
+            raise ServiceError("bad-request", "show needs a message id")
+        message = self.send.messages.get(msgid)
+        if message is None or message.removed:
+            raise ServiceError("not-found", f"no message {msgid} in the queue")
+        config = self.config()
+        lines = await self.send.io(read_lines, self.root.log, None, 200_000)
+        data = await self.send.io(self._read_message, msgid)
+        bounce = await self.send.io(self.send.queue.read_bounce, msgid)
+        return {
+            "message": admin.message_json(message, config),
+            "why": admin.why(message, config, self.clock.now()),
+            "log": message_log(lines, msgid),
+            "bounce_reports": bounce.decode("utf-8", "replace") if bounce else None,
+            "content": data,
+        }
+
+    def _read_message(self, msgid: int) -> str:
+        with open(self.root.mess(msgid), "rb") as f:
+            data = f.read(SHOW_MAX + 1)
+        text = data[:SHOW_MAX].decode("utf-8", "replace")
+        if len(data) > SHOW_MAX:
+            text += f"\n[... cut at {SHOW_MAX} bytes ...]\n"
+        return text
+
+    async def op_act(self, args: dict[str, Any]) -> dict[str, Any]:
+        action = args.get("action")
+        if action not in ACTIONS:
+            raise ServiceError("bad-request", f"unknown action {action!r}")
+        chosen = self._select(args)
+        ids = [m.id for m in chosen]
+        missing = [i for i in (args.get("ids") or []) if i not in ids]
+        result = await self.send.act(str(action), ids, bool(args.get("dry_run", False)))
+        data = result.as_dict()
+        for msgid in missing:
+            data["failed"][str(msgid)] = "no such message in the queue"
+        data["messages"] = [
+            {"id": m.id, "sender": m.sender, "recipients": [r.address for r in m.pending()]}
+            for m in chosen
+        ]
+        return data
+
+    async def op_check(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        from core.check import check
+
+        problems = await self.send.io(check, self.root)
+        return [{**p.as_dict(), "text": p.format(self.root.path)} for p in problems]
+
+    async def op_retry_all(self, args: dict[str, Any]) -> dict[str, Any]:
+        self.send.retry_all()
+        return {"ok": True}

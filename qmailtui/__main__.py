@@ -1,0 +1,5 @@
+import sys
+
+from qmailtui.cli import main
+
+sys.exit(main())

@@ -1,0 +1,395 @@
+"""The `qmailtui` command line: sub-commands, and the one place where errors
+become one line on standard error and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from core.errors import ExitCode, UserError
+from core.paths import QmailRoot, default_root
+
+PROG = "qmailtui"
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _root(args: argparse.Namespace) -> QmailRoot:
+    given = getattr(args, "root", None)
+    return QmailRoot(given) if given else QmailRoot(default_root())
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    return asyncio.run(coro)
+
+
+# -- init, check, maildirmake, newu -------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from core.setup import init_root
+
+    root = init_root(args.dir, me=args.me, force=args.force)
+    print(f"created a qmail root in {root.path} for {args.me}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from qmailtui.client import connect
+
+    async def go() -> int:
+        async with connect(_root(args)) as client:
+            problems = await client.call("check")
+        for p in problems:
+            print(p["text"])
+        errors = sum(1 for p in problems if p["severity"] == "error")
+        warnings = len(problems) - errors
+        print(f"{errors} error(s), {warnings} warning(s)", file=sys.stderr)
+        return 1 if errors else 0
+
+    return _run(go())
+
+
+def cmd_maildirmake(args: argparse.Namespace) -> int:
+    from core.setup import maildirmake
+
+    maildirmake(Path(args.dir))
+    return 0
+
+
+def cmd_newu(args: argparse.Namespace) -> int:
+    from core import users
+
+    root = _root(args)
+    problems = users.newu(root)
+    for p in problems:
+        print(p.format(root.path), file=sys.stderr)
+    return 1 if any(p.is_error for p in problems) else 0
+
+
+# -- serve -----------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from core.daemon import Core
+
+    def ready(line: str) -> None:
+        print(line, flush=True)
+
+    core = Core(_root(args), log_stderr=not args.quiet, ready=ready)
+    _run_core(core)
+    return 0
+
+
+def _run_core(core: Any) -> None:
+    async def go() -> None:
+        await core.run()
+
+    asyncio.run(go())
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from qmailtui.demo import run_demo
+
+    return run_demo(getattr(args, "root", None))
+
+
+# -- the queue ----------------------------------------------------------------
+
+
+def cmd_qstat(args: argparse.Namespace) -> int:
+    from qmailtui.client import connect
+
+    async def go() -> int:
+        async with connect(_root(args)) as client:
+            counts = await client.call("qstat")
+        print(f"messages in queue: {counts['messages']}")
+        print(f"messages in queue but not yet preprocessed: {counts['todo']}")
+        return 0
+
+    return _run(go())
+
+
+def _filter(args: argparse.Namespace) -> dict[str, Any]:
+    flt: dict[str, Any] = {}
+    if getattr(args, "all", False):
+        flt["all"] = True
+    for name in ("sender", "recipient", "domain", "state"):
+        value = getattr(args, name, None)
+        if value is not None:
+            flt[name] = value
+    if getattr(args, "older_than", None) is not None:
+        from core.admin import parse_age
+
+        try:
+            flt["older_than"] = parse_age(args.older_than)
+        except ValueError as e:
+            raise UserError(str(e), code=ExitCode.USAGE) from None
+    return flt
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from qmailtui.client import connect
+
+    async def go() -> int:
+        async with connect(_root(args)) as client:
+            result = await client.call(
+                "list",
+                filter=_filter(args),
+                format="json" if args.json else "qread",
+            )
+        if args.json:
+            for message in result["messages"]:
+                print(json.dumps(message, ensure_ascii=False))
+        else:
+            sys.stdout.write(result["text"])
+        return 0
+
+    return _run(go())
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from qmailtui.client import connect
+
+    async def go() -> int:
+        async with connect(_root(args)) as client:
+            result = await client.call("show", id=args.id)
+        if args.json:
+            print(json.dumps(result, ensure_ascii=False, indent=2))
+            return 0
+        print(format_show(result))
+        return 0
+
+    return _run(go())
+
+
+def format_show(result: dict[str, Any]) -> str:
+    m = result["message"]
+    lines = [
+        f"message {m['id']}",
+        f"  queued   {m['queued']}",
+        f"  expires  {m['expires']}",
+        f"  size     {m['size']} bytes",
+        f"  sender   <{m['sender']}>",
+        f"  held     {'yes' if m['held'] else 'no'}",
+        "recipients",
+    ]
+    for r in m["recipients"]:
+        lines.append(f"  {r['state']:<8} {r['channel']:<6} {r['address']}")
+        lines.append(
+            f"           attempts {r['attempts']}, next {r['next_attempt'] or '-'}"
+            + (", delivering now" if r.get("in_progress") else "")
+        )
+        if r["last_reply"]:
+            for reply in r["last_reply"].splitlines():
+                lines.append(f"           {reply}")
+    if result["why"]:
+        lines.append("why it is still here")
+        lines += [f"  {w}" for w in result["why"]]
+    if result.get("bounce_reports"):
+        lines.append("failures gathered for the bounce")
+        lines += [f"  {b}" for b in result["bounce_reports"].rstrip("\n").splitlines()]
+    lines.append("log")
+    lines += [f"  {entry}" for entry in result["log"]] or ["  (no lines)"]
+    lines.append("message")
+    lines.append(result["content"].rstrip("\n"))
+    return "\n".join(lines)
+
+
+def _confirm(question: str) -> bool:
+    try:
+        tty = open("/dev/tty", "r+")  # noqa: SIM115 - closed below
+    except OSError:
+        return False
+    try:
+        tty.write(f"{question} [y/N] ")
+        tty.flush()
+        return tty.readline().strip().lower() in ("y", "yes")
+    finally:
+        tty.close()
+
+
+def cmd_act(args: argparse.Namespace) -> int:
+    from qmailtui.client import connect
+
+    action = args.queue_command
+    flt = _filter(args)
+    ids = args.ids or None
+    if ids is None and not flt:
+        raise UserError(
+            f"queue {action}: name messages by id or by a filter (--all, --sender, ...)",
+            code=ExitCode.USAGE,
+        )
+    if ids is not None and flt:
+        raise UserError(f"queue {action}: give ids or filters, not both", code=ExitCode.USAGE)
+
+    async def go() -> int:
+        async with connect(_root(args)) as client:
+            preview = await client.call("act", action=action, ids=ids, filter=flt, dry_run=True)
+            chosen = preview["messages"]
+            missing = preview["failed"]
+            if args.dry_run:
+                for m in chosen:
+                    print(f"{m['id']} <{m['sender']}> {' '.join(m['recipients'])}".rstrip())
+                for msgid, why in missing.items():
+                    print(f"{PROG}: {msgid}: {why}", file=sys.stderr)
+                return 1 if missing else 0
+            if not chosen:
+                for msgid, why in missing.items():
+                    print(f"{PROG}: {msgid}: {why}", file=sys.stderr)
+                print(f"{PROG}: queue {action}: no message matches", file=sys.stderr)
+                return 1
+            if action in ("delete", "bounce") and len(chosen) > 1 and not args.yes:
+                for m in chosen:
+                    print(f"{m['id']} <{m['sender']}>", file=sys.stderr)
+                if not _confirm(f"{action} these {len(chosen)} messages?"):
+                    print(f"{PROG}: queue {action}: nothing done", file=sys.stderr)
+                    return 1
+            result = await client.call(
+                "act", action=action, ids=[m["id"] for m in chosen], dry_run=False
+            )
+        for msgid, why in {**missing, **result["failed"]}.items():
+            print(f"{PROG}: {msgid}: {why}", file=sys.stderr)
+        print(result["summary"])
+        return 1 if result["failed"] or missing else 0
+
+    return _run(go())
+
+
+# -- inject ----------------------------------------------------------------------
+
+
+def cmd_inject(args: argparse.Namespace) -> int:
+    from qmailtui.injecting import inject, read_stdin
+
+    env = dict(os.environ)
+    if args.F is not None:
+        env["MAILNAME"] = args.F
+    mode = "A"
+    if args.t:
+        mode = "H"
+    return inject(
+        _root(args),
+        read_stdin(),
+        mode=mode,
+        args=args.recipients,
+        sender=args.f,
+        env=env,
+        prog=f"{PROG} inject",
+        print_only=args.n,
+    )
+
+
+# -- the parser -----------------------------------------------------------------
+
+
+def _add_root(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    parser.add_argument(
+        "--root",
+        metavar="DIR",
+        default=None if top else argparse.SUPPRESS,
+        help="the qmail root (default: $QMAILHOME, else /var/qmail)",
+    )
+
+
+def _add_filters(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("filters (all must match)")
+    group.add_argument("--all", action="store_true", help="every message")
+    group.add_argument("--sender", metavar="S", help="envelope sender (or @domain)")
+    group.add_argument("--recipient", metavar="R", help="a pending recipient (or @domain)")
+    group.add_argument("--domain", metavar="D", help="a pending recipient at this domain")
+    group.add_argument("--older-than", metavar="AGE", help="queued longer ago than AGE (2h, 3d)")
+    group.add_argument("--state", choices=("pending", "held"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="A qmail-compatible mail host and its console."
+    )
+    _add_root(parser, top=True)
+    parser.add_argument("--demo", action="store_true", help="run on a demo root")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_root(p)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command("serve", cmd_serve, "run the core in the foreground")
+    p.add_argument("--quiet", action="store_true", help="log only to log/current")
+    p = command("init", cmd_init, "create a qmail root")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--me", required=True, metavar="HOST", help="this host's name")
+    p.add_argument("--force", action="store_true", help="complete an existing root")
+    command("check", cmd_check, "validate the configuration")
+    command("qstat", cmd_qstat, "count the messages in the queue, like qmail-qstat")
+    p = command("maildirmake", cmd_maildirmake, "create a Maildir")
+    p.add_argument("dir", metavar="DIR")
+    command("newu", cmd_newu, "compile users/assign into users/cdb, like qmail-newu")
+    p = command("inject", cmd_inject, "queue a message from standard input, like qmail-inject")
+    p.add_argument("-f", metavar="SENDER", help="envelope sender")
+    p.add_argument("-F", metavar="NAME", help="full name of the sender")
+    p.add_argument("-t", action="store_true", help="also take recipients from the header")
+    p.add_argument("-i", action="store_true", help="ignored (a lone '.' never ends input)")
+    p.add_argument("-n", action="store_true", help="print the message instead of queueing it")
+    p.add_argument("recipients", nargs="*", metavar="RCPT")
+
+    q = command("queue", lambda a: 2, "list and act on the queue")
+    qsub = q.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
+    p = qsub.add_parser("list", help="the queue, like qmail-qread")
+    _add_root(p)
+    p.add_argument("--json", action="store_true", help="one JSON object a line")
+    _add_filters(p)
+    p.set_defaults(handler=cmd_list)
+    p = qsub.add_parser("show", help="one message: envelope, attempts, log, content")
+    _add_root(p)
+    p.add_argument("id", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_show)
+    helps = {
+        "retry": "try now, past the schedule",
+        "bounce": "give up now and bounce",
+        "delete": "remove without a bounce",
+        "hold": "keep out of delivery",
+        "release": "let held messages back in",
+    }
+    for action, help_text in helps.items():
+        p = qsub.add_parser(action, help=help_text, description=help_text)
+        _add_root(p)
+        p.add_argument("ids", nargs="*", type=int, metavar="ID")
+        _add_filters(p)
+        p.add_argument("--dry-run", action="store_true", help="list what would be acted on")
+        p.add_argument("--yes", action="store_true", help="do not ask before delete/bounce")
+        p.set_defaults(handler=cmd_act)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.demo:
+            return cmd_demo(args)
+        handler: Handler | None = getattr(args, "handler", None)
+        if handler is None:
+            parser.print_help(sys.stderr)
+            return ExitCode.USAGE
+        return int(handler(args))
+    except UserError as e:
+        root = _root(args).path
+        print(f"{PROG}: {e.format(root)}", file=sys.stderr)
+        return int(e.code)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
