@@ -84,10 +84,10 @@ def make_send(
     events: Events,
     executor: ThreadPoolExecutor,
 ) -> Send:
-    async def deliver_local(recipient: str, sender: str, msgid: int, now: float) -> Result:
-        return await send.io(local.deliver, root, config(), queue, recipient, sender, msgid, now)
+    def deliver_local(recipient: str, sender: str, msgid: int, now: float) -> Result:
+        return local.deliver(root, config(), queue, recipient, sender, msgid, now)
 
-    send = Send(
+    return Send(
         queue,
         config,
         clock=clock,
@@ -96,7 +96,6 @@ def make_send(
         local=deliver_local,
         executor=executor,
     )
-    return send
 
 
 class Core:

@@ -4,6 +4,10 @@ The only writer under log/. Lines go to log/current (rotated like multilog:
 when it passes `max_size` it becomes `@TAI64N.s` and the oldest rotated files
 beyond `keep` are removed), optionally to standard error, and to event
 subscribers.
+
+Lines are written by a thread of their own, in batches: a write to a file
+system busy with fsyncs can take milliseconds, and the event loop must not
+wait for it (multilog buffers the same way behind qmail-send's pipe).
 """
 
 from __future__ import annotations
@@ -57,6 +61,10 @@ class Log:
         self._lock = threading.Lock()
         self._fd = -1
         self._size = 0
+        self._pending: list[tuple[str, bytes]] = []
+        self._cond = threading.Condition()
+        self._writer: threading.Thread | None = None
+        self._closing = False
 
     @property
     def current(self) -> Path:
@@ -70,23 +78,50 @@ class Log:
     def line(self, text: str) -> None:
         now = self.clock.now()
         label = tai64n(now)
-        data = f"{label} {text}\n".encode("utf-8", "replace")
+        with self._cond:
+            self._pending.append((label, f"{label} {text}\n".encode("utf-8", "replace")))
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, name="log", daemon=True)
+                self._writer.start()
+            self._cond.notify()
+        if self.events is not None:
+            self.events.publish("log", when=now, text=text)
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                batch, self._pending = self._pending, []
+                closing = self._closing
+            if batch:
+                self._write(batch)
+            if closing and not batch:
+                return
+
+    def _write(self, batch: list[tuple[str, bytes]]) -> None:
         with self._lock:
             try:
                 if self._fd < 0:
                     self._open()
+                data = b"".join(line for _, line in batch)
                 if self._size + len(data) > self.max_size and self._size > 0:
-                    self._rotate(label)
+                    self._rotate(batch[0][0])
                 os.write(self._fd, data)
                 self._size += len(data)
             except OSError as e:
                 # The log must never stop the mail: say so where someone may see it.
                 sys.stderr.write(f"qmailtui: unable to write {self.current}: {e.strerror}\n")
         if self.stderr:
-            sys.stderr.write(f"{label} {text}\n")
+            sys.stderr.write(b"".join(line for _, line in batch).decode("utf-8", "replace"))
             sys.stderr.flush()
-        if self.events is not None:
-            self.events.publish("log", when=now, text=text)
+
+    def flush(self) -> None:
+        """Write every line logged so far (the writer thread may still hold some)."""
+        with self._cond:
+            batch, self._pending = self._pending, []
+        if batch:
+            self._write(batch)
 
     def _rotate(self, label: str) -> None:
         os.close(self._fd)
@@ -99,6 +134,16 @@ class Log:
         self._open()
 
     def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+            writer = self._writer
+        if writer is not None:
+            writer.join(timeout=10)
+        self.flush()
+        with self._cond:
+            self._writer = None
+            self._closing = False
         with self._lock:
             if self._fd >= 0:
                 os.close(self._fd)

@@ -25,6 +25,7 @@ import contextlib
 import heapq
 import json
 import os
+import re
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,14 +38,16 @@ from core.control import Config
 from core.events import Events
 from core.local import Result
 from core.log import Log, safe
-from core.queue import CHANNELS, Queue, QueueError, Record
+from core.queue import CHANNELS, Queue, QueueError
 from core.rewrite import route, unvirtual
 
 T = TypeVar("T")
 Deliverer = Callable[[str, str, int, float], Awaitable[Result]]
+LocalDeliverer = Callable[[str, str, int, float], Result]  # runs in a worker thread
 TODO_SCAN = 60.0  # seconds between scans of todo/ besides the trigger (qmail: 1500)
 SYSFAIL = 123.0  # qmail-send's retry delay after a system error
 PREPROCESS_AT_ONCE = 8
+FORWARDED = re.compile(r"^qp (\d+)$", re.MULTILINE)  # qmail-local's report of a forward
 ADMIN_BOUNCE = "Sorry, the postmaster gave up on this message. (#5.0.0)\n"
 
 
@@ -150,7 +153,7 @@ class Send:
         clock: Clock,
         log: Log,
         events: Events | None = None,
-        local: Deliverer,
+        local: LocalDeliverer,
         remote: Deliverer = _no_remote,
         executor: ThreadPoolExecutor | None = None,
     ) -> None:
@@ -159,7 +162,8 @@ class Send:
         self.clock = clock
         self.log = log
         self.events = events or Events()
-        self.deliverers = {"local": local, "remote": remote}
+        self.local = local
+        self.remote = remote
         self.executor = executor or ThreadPoolExecutor(64, thread_name_prefix="queue")
         self.messages: dict[int, Message] = {}
         self.jobs: dict[str, collections.deque[Job]] = {c: collections.deque() for c in CHANNELS}
@@ -382,6 +386,30 @@ class Send:
 
     # -- todo: preprocessing ---------------------------------------------
 
+    async def enqueue(
+        self, message: bytes, sender: str, recipients: list[str], *, invoked: str
+    ) -> int:
+        """Queue a message durably (the SMTP receiver's 250) and start on it at once."""
+        msgid = await self.io(
+            lambda: self.queue.enqueue(
+                message,
+                sender,
+                recipients,
+                uid=os.getuid(),
+                pid=os.getpid(),
+                invoked=invoked,
+                now=self.clock.now(),
+            )
+        )
+        self._new_todo(msgid)
+        return msgid
+
+    def _new_todo(self, msgid: int) -> None:
+        """Preprocess a message we queued ourselves, without waiting for a todo/ scan."""
+        if msgid not in self._preprocessing and msgid not in self.messages:
+            self._preprocessing.add(msgid)
+            self._spawn(self._preprocess(msgid))
+
     async def scan_todo(self) -> None:
         ids = await self.io(self.queue.todo_ids)
         for msgid in ids:
@@ -400,44 +428,42 @@ class Send:
     async def _preprocess_one(self, msgid: int) -> None:
         now = self.clock.now()
         try:
-            envelope = await self.io(self.queue.read_todo, msgid)
-            size = await self.io(self.queue.message_size, msgid)
+            message = await self.io(self._preprocess_sync, msgid, now, self.config())
         except FileNotFoundError:
             return  # deleted meanwhile
         except (OSError, ValueError) as e:
-            self.log.line(f"warning: trouble reading todo/{msgid}: {e}")
+            self.log.line(f"warning: trouble preprocessing todo/{msgid}: {e}")
             return
         self.log.line(f"new msg {msgid}")
         self.log.line(
-            f"info msg {msgid}: bytes {size} from <{safe(envelope.sender)}>"
-            f" qp {envelope.pid} uid {envelope.uid}"
+            f"info msg {msgid}: bytes {message.size} from <{safe(message.sender)}>"
+            f" qp {message.qp} uid {message.uid}"
         )
-        config = self.config()
+        self.messages[msgid] = message
+        self.events.publish("queued", id=msgid, sender=message.sender, size=message.size)
+        if not message.recipients:
+            await self._finish(message)
+            return
+        for channel in message.channels():
+            self._schedule(message, channel, now)
+
+    def _preprocess_sync(self, msgid: int, now: float, config: Config) -> Message:
+        """todo/N -> info and channel files (one worker-thread hop)."""
+        envelope = self.queue.read_todo(msgid)
+        size = self.queue.message_size(msgid)
         split: dict[str, list[str]] = {c: [] for c in CHANNELS}
         for rcpt in envelope.recipients:
             routed = route(config, rcpt)
             split[routed.channel].append(routed.address)
-        try:
-            await self.io(
-                self.queue.preprocess, msgid, envelope.sender, split["local"], split["remote"], now
-            )
-        except OSError as e:
-            self.log.line(f"warning: trouble preprocessing todo/{msgid}: {e.strerror}")
-            return
+        self.queue.preprocess(msgid, envelope.sender, split["local"], split["remote"], now)
         message = Message(msgid, envelope.sender, now, size, envelope.uid, envelope.pid)
         for channel in CHANNELS:
             offset = 0
             for address in split[channel]:
                 message.recipients.append(Recipient(channel, address, offset))
                 offset += len(address.encode("utf-8", "surrogateescape")) + 2
-        message.held = await self.io(self.queue.root.hold(msgid).exists)
-        self.messages[msgid] = message
-        self.events.publish("queued", id=msgid, sender=envelope.sender, size=size)
-        if not message.recipients:
-            await self._finish(message)
-            return
-        for channel in message.channels():
-            self._schedule(message, channel, now)
+        message.held = self.queue.root.hold(msgid).exists()
+        return message
 
     # -- passes and jobs ------------------------------------------------------
 
@@ -494,13 +520,18 @@ class Send:
                 recipient=recipient.address,
             )
             now = self.clock.now()
-            try:
-                result = await self.deliverers[channel](
-                    recipient.address, message.sender, message.id, now
-                )
-            except Exception as e:  # a bug in a deliverer must not lose the message
-                result = Result("Z", f"Internal error in delivery: {e!r} (#4.3.0)\n")
-            await self._record(number, job, result)
+            if channel == "local":
+                status, text = await self.io(self._deliver_local_sync, job, now)
+                forwarded = FORWARDED.search(text) if status == "K" else None
+                if forwarded:
+                    self._new_todo(int(forwarded.group(1)))
+            else:
+                try:
+                    result = await self.remote(recipient.address, message.sender, message.id, now)
+                except Exception as e:  # a bug in a deliverer must not lose the message
+                    result = Result("Z", f"Internal error in delivery: {e!r} (#4.3.0)\n")
+                status, text = await self.io(self._record_sync, job, result)
+            self._recorded(number, job, status, text)
         finally:
             self.active[channel] -= 1
             recipient.busy = False
@@ -510,7 +541,21 @@ class Send:
             self._log_status()
             self._fill()
 
-    async def _record(self, number: int, job: Job, result: Result) -> None:
+    def _deliver_local_sync(self, job: Job, now: float) -> tuple[str, str]:
+        """Deliver and record the result in the same worker-thread hop."""
+        message, recipient = job.message, job.recipient
+        try:
+            result = self.local(recipient.address, message.sender, message.id, now)
+        except Exception as e:  # a bug in local delivery must not lose the message
+            result = Result("Z", f"Internal error in delivery: {e!r} (#4.3.0)\n")
+        return self._record_sync(job, result)
+
+    def _record_sync(self, job: Job, result: Result) -> tuple[str, str]:
+        """Turn a result into the channel file's D mark and the bounce report.
+
+        A deferral in a pass past the lifetime, or of a message the postmaster
+        bounced, is a failure (send.md §5). Returns the final (status, text).
+        """
         message, recipient = job.message, job.recipient
         status, text = result.status, result.text
         if status == "Z" and (job.pass_.dying or message.giving_up):
@@ -518,6 +563,19 @@ class Send:
             text = (text if text.endswith("\n") else text + "\n") + (
                 retry.EXPIRED_TEXT if job.pass_.dying else ADMIN_BOUNCE
             )
+        if status not in ("K", "Z", "D"):
+            return "?", text
+        if message.removed:
+            return status, text
+        if status == "D":
+            address = unvirtual(self.config(), recipient.address)
+            self.queue.append_bounce(message.id, address, text)
+        if status in ("K", "D"):
+            self.queue.mark_done(recipient.channel, message.id, recipient.offset)
+        return status, text
+
+    def _recorded(self, number: int, job: Job, status: str, text: str) -> None:
+        message, recipient = job.message, job.recipient
         word = {"K": "success", "Z": "deferral", "D": "failure"}.get(status)
         if word is None:
             self.log.line(f"delivery {number}: report mangled, will defer")
@@ -527,23 +585,9 @@ class Send:
         recipient.attempts += 1
         recipient.last_reply = text.rstrip("\n")
         recipient.last_attempt = self.clock.now()
-        if message.removed:
-            return
-        try:
-            if status == "D":
-                config = self.config()
-                await self.io(
-                    self.queue.append_bounce,
-                    message.id,
-                    unvirtual(config, recipient.address),
-                    text,
-                )
-                recipient.bounced = True
-            if status in ("K", "D"):
-                await self.io(self.queue.mark_done, recipient.channel, message.id, recipient.offset)
-                recipient.done = True
-        except OSError as e:
-            self.log.line(f"warning: trouble marking {recipient.channel}/{message.id}: {e}")
+        if status in ("K", "D") and not message.removed:
+            recipient.done = True
+            recipient.bounced = status == "D"
         self.events.publish(
             "delivery-finished",
             number=number,
@@ -561,17 +605,20 @@ class Send:
         if message.removed:
             return
         if not message.pending(channel):
-            await self.io(self.queue.remove_channel, channel, message.id)
             if not message.pending() and not message.passes:
                 await self._finish(message)
                 return
+            await self.io(self.queue.remove_channel, channel, message.id)
         else:
             when = p.next_due
             if message.giving_up:
                 when = self.clock.now()
             self._schedule(message, channel, when)
-            await self.io(self.queue.set_due, channel, message.id, when)
-        await self.io(self._save_state, message)
+            await self.io(self._reschedule_sync, message, channel, when)
+
+    def _reschedule_sync(self, message: Message, channel: str, when: float) -> None:
+        self.queue.set_due(channel, message.id, when)
+        self._save_state(message)
 
     def _save_state(self, message: Message) -> None:
         data = {
@@ -596,22 +643,58 @@ class Send:
             return
         message.finishing = True
         try:
-            for channel in CHANNELS:
-                await self.io(self.queue.remove_channel, channel, message.id)
-            reports = await self.io(self.queue.read_bounce, message.id)
-            if reports is not None and not await self._send_bounce(message, reports):
-                message.finishing = False
-                self._retry_finish_later(message)
-                return
-            self.log.line(f"end msg {message.id}")
-            message.removed = True
-            self.messages.pop(message.id, None)
-            await self.io(self.queue.remove_message, message.id)
-            self.events.publish("removed", id=message.id)
-        except OSError as e:
+            outcome = await self.io(self._finish_sync, message, self.config())
+        except (OSError, QueueError) as e:
             message.finishing = False
-            self.log.line(f"warning: trouble finishing msg {message.id}: {e}")
+            text = e.text if isinstance(e, QueueError) else str(e)
+            self.log.line(f"warning: trouble injecting bounce message, will try later ({text})")
             self._retry_finish_later(message)
+            return
+        if outcome == "triple":
+            self.log.line(f"triple bounce: discarding bounce/{message.id}")
+        elif isinstance(outcome, int):
+            self.log.line(f"bounce msg {message.id} qp {outcome}")
+            self._new_todo(outcome)
+        self.log.line(f"end msg {message.id}")
+        message.removed = True
+        self.messages.pop(message.id, None)
+        self.events.publish("removed", id=message.id)
+
+    def _finish_sync(self, message: Message, config: Config) -> int | str | None:
+        """Queue the bounce, if any, then remove the message (queue.md §6.3).
+
+        Returns the bounce's id, "triple" for a discarded triple bounce, or None.
+        """
+        for channel in CHANNELS:
+            self.queue.remove_channel(channel, message.id)
+        outcome: int | str | None = None
+        reports = self.queue.read_bounce(message.id)
+        if reports is not None:
+            made = bounces.make_bounce(
+                sender=message.sender,
+                reports=reports,
+                original=self.queue.read_message(message.id),
+                bouncefrom=config.bouncefrom,
+                bouncehost=config.bouncehost,
+                doublebounce_recipient=f"{config.doublebounceto}@{config.doublebouncehost}",
+                now=self.clock.now(),
+                max_bytes=config.bouncemaxbytes,
+            )
+            if made is None:
+                outcome = "triple"
+            else:
+                outcome = self.queue.enqueue(
+                    made.message,
+                    made.sender,
+                    [made.recipient],
+                    uid=os.getuid(),
+                    pid=os.getpid(),
+                    invoked="invoked for bounce",
+                    now=self.clock.now(),
+                )
+            self.queue.remove_bounce(message.id)
+        self.queue.remove_message(message.id)
+        return outcome
 
     def _retry_finish_later(self, message: Message) -> None:
         async def later() -> None:
@@ -619,42 +702,6 @@ class Send:
             await self._finish(message)
 
         self._spawn(later())
-
-    async def _send_bounce(self, message: Message, reports: bytes) -> bool:
-        config = self.config()
-        original = await self.io(self.queue.read_message, message.id)
-        made = bounces.make_bounce(
-            sender=message.sender,
-            reports=reports,
-            original=original,
-            bouncefrom=config.bouncefrom,
-            bouncehost=config.bouncehost,
-            doublebounce_recipient=f"{config.doublebounceto}@{config.doublebouncehost}",
-            now=self.clock.now(),
-            max_bytes=config.bouncemaxbytes,
-        )
-        if made is None:
-            self.log.line(f"triple bounce: discarding bounce/{message.id}")
-        else:
-            try:
-                new = await self.io(self._enqueue_bounce, made)
-            except QueueError:
-                self.log.line("warning: trouble injecting bounce message, will try later")
-                return False
-            self.log.line(f"bounce msg {message.id} qp {new}")
-        await self.io(self.queue.remove_bounce, message.id)
-        return True
-
-    def _enqueue_bounce(self, made: bounces.Bounce) -> int:
-        return self.queue.enqueue(
-            made.message,
-            made.sender,
-            [made.recipient],
-            uid=os.getuid(),
-            pid=os.getpid(),
-            invoked="invoked for bounce",
-            now=self.clock.now(),
-        )
 
     # -- admin operations ---------------------------------------------------
 
@@ -767,5 +814,3 @@ class Send:
         self.events.publish("removed", id=message.id)
 
 
-def pending_records(records: Iterable[Record]) -> list[Record]:
-    return [r for r in records if not r.done]

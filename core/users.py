@@ -388,9 +388,24 @@ def _search(
     return None
 
 
+_readers: dict[Path, tuple[tuple[int, int, int], cdblib.Reader]] = {}
+
+
+def _reader(path: Path) -> cdblib.Reader:
+    """users/cdb, parsed once per version of the file (every delivery looks it up)."""
+    st = path.stat()
+    stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+    cached = _readers.get(path)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    reader = cdblib.Reader(data=path.read_bytes(), strict=True)
+    _readers[path] = (stamp, reader)
+    return reader
+
+
 def _lookup_cdb(path: Path, name: bytes) -> Owner | None:
     try:
-        reader = cdblib.Reader(data=path.read_bytes(), strict=True)
+        reader = _reader(path)
         wildchars = reader.get(b"")
         if wildchars is None:
             raise _trouble(path, "no wildcard record (the empty key): not written by newu")

@@ -1,0 +1,149 @@
+"""Throughput: queue N messages for a local Maildir user through the core's
+enqueue API (as the SMTP receiver does) and time until the last is in new/.
+
+    python bench/throughput.py [--messages 2000] [--size 5000] [--sessions 10] [--runs 3]
+
+Prints, per run and as medians: messages per second from the first enqueue
+until the last file is in Maildir/new, fsyncs per message, CPU per message.
+fsync stays on: every acknowledged message is on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core import users  # noqa: E402
+from core.daemon import Core  # noqa: E402
+from core.paths import QmailRoot  # noqa: E402
+from core.setup import init_root, maildirmake  # noqa: E402
+
+FSYNCS = 0
+_real_fsync = os.fsync
+
+
+def _counting_fsync(fd: int) -> None:
+    global FSYNCS
+    FSYNCS += 1
+    _real_fsync(fd)
+
+
+def make_root(base: Path) -> tuple[QmailRoot, Path]:
+    root = init_root(base / "qmail", me="bench.test")
+    home = base / "home"
+    home.mkdir(mode=0o700)
+    maildirmake(home / "Maildir")
+    root.assign.write_text(f"=user:user:{os.getuid() or 65534}:{os.getgid()}:{home}:::\n.\n")
+    users.newu(root)
+    return root, home / "Maildir" / "new"
+
+
+async def one_run(base: Path, messages: int, size: int, sessions: int) -> dict[str, float]:
+    global FSYNCS
+    root, new = make_root(base)
+    core = Core(root)
+    task = asyncio.create_task(core.run())
+    await asyncio.wait_for(core.started.wait(), 10)
+    assert core.send is not None
+    send = core.send
+    body = (b"x" * 75 + b"\n") * (size // 76)
+    header = b"From: bench@client.test\nTo: user@bench.test\nSubject: bench\n\n"
+    done = asyncio.Event()
+    delivered = 0
+    sub = core.events.subscribe(maxsize=messages * 4)
+
+    async def count() -> None:
+        nonlocal delivered
+        while delivered < messages:
+            event = await sub.get()
+            if event is None:
+                return
+            if event.kind == "delivery-finished" and event.data["result"] == "K":
+                delivered += 1
+        done.set()
+
+    counter = asyncio.create_task(count())
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(messages):
+        queue.put_nowait(i)
+
+    async def session() -> None:
+        while True:
+            try:
+                i = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            await send.enqueue(
+                header + b"Message %d\n" % i + body,
+                "bench@client.test",
+                ["user@bench.test"],
+                invoked="invoked from network",
+            )
+
+    FSYNCS = 0
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    await asyncio.gather(*(session() for _ in range(sessions)))
+    accepted = time.perf_counter() - start
+    await asyncio.wait_for(done.wait(), 600)
+    elapsed = time.perf_counter() - start
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    fsyncs = FSYNCS
+    counter.cancel()
+    core.stop()
+    await asyncio.wait_for(task, 60)
+    in_new = len(os.listdir(new))
+    assert in_new == messages, f"{in_new} messages in new/, expected {messages}"
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    return {
+        "rate": messages / elapsed,
+        "accept_rate": messages / accepted,
+        "fsyncs": fsyncs / messages,
+        "cpu_ms": cpu * 1000 / messages,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=5000)
+    parser.add_argument("--sessions", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--dir", default=None, help="where to make the roots (default: /tmp)")
+    args = parser.parse_args()
+    os.fsync = _counting_fsync  # count every fsync the core makes (files and directories)
+    results = []
+    for run in range(args.runs):
+        base = Path(tempfile.mkdtemp(prefix="qmailtui-bench-", dir=args.dir))
+        try:
+            r = asyncio.run(one_run(base, args.messages, args.size, args.sessions))
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        results.append(r)
+        print(
+            f"run {run + 1}: {r['rate']:.0f} msgs/s end to end"
+            f" (accepted at {r['accept_rate']:.0f}/s), {r['fsyncs']:.1f} fsyncs/msg,"
+            f" {r['cpu_ms']:.2f} ms CPU/msg",
+            flush=True,
+        )
+    med = {k: statistics.median(r[k] for r in results) for k in results[0]}
+    print(
+        f"median of {args.runs}: {med['rate']:.0f} msgs/s end to end, {args.messages} x"
+        f" {args.size} B, {args.sessions} sessions; {med['fsyncs']:.1f} fsyncs/msg,"
+        f" {med['cpu_ms']:.2f} ms CPU/msg (target: 500 msgs/s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
