@@ -69,8 +69,8 @@ def strict_config(root: QmailRoot) -> Config:
 
 class ConfigErrors(UserError):
     def __init__(self, root: QmailRoot, problems: list[Problem]) -> None:
-        lines = [p.format(root.path) for p in problems]
-        super().__init__("; ".join(lines), code=ExitCode.FAILURE)
+        self.lines = [p.format(root.path) for p in problems]
+        super().__init__("\n".join(self.lines), code=ExitCode.FAILURE)
         self.problems = problems
 
 
@@ -130,7 +130,9 @@ class Core:
         new = control.load(self.root)
         if new.errors:
             for problem in new.errors:
-                self.log.line(f"alert: {problem.format(self.root.path)}; keeping the last good one")
+                self.log.line(
+                f"alert: {problem.format(self.root.path)}; keeping the last good configuration"
+            )
             self.events.publish("config-rejected", problems=[p.as_dict() for p in new.errors])
             return new.errors
         self._config = new

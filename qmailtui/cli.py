@@ -383,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(handler(args))
     except UserError as e:
         root = _root(args).path
-        print(f"{PROG}: {e.format(root)}", file=sys.stderr)
+        for line in e.format(root).splitlines():  # several problems: one line each
+            print(f"{PROG}: {line}", file=sys.stderr)
         return int(e.code)
     except KeyboardInterrupt:
         return 130
