@@ -59,6 +59,7 @@ KNOWN_FILES = frozenset(
     ]
 )
 CONCURRENCY_MAX = 1000  # qmail caps at conf-spawn (120); we have no spawn, but bound it
+INT_MAX = 2**31 - 1  # control_readint stores the value in a C int; more wraps around
 
 
 def _read_lines(path: Path, problems: list[Problem]) -> list[str] | None:
@@ -91,36 +92,59 @@ def _clean(line: str, path: Path, number: int, problems: list[Problem]) -> str:
     return line.rstrip(" \t\r")
 
 
-def read_line(path: Path, problems: list[Problem]) -> str | None:
-    """First line of a single-line file (control_readline); None if absent."""
+def _first_line(path: Path, problems: list[Problem]) -> tuple[str, int | None] | None:
+    """(first line, its number) of a file; the number is None for an empty file."""
     lines = _read_lines(path, problems)
     if lines is None:
         return None
     if not lines:
-        return ""
-    return _clean(lines[0], path, 1, problems)
+        return "", None
+    return _clean(lines[0], path, 1, problems), 1
+
+
+def read_line(path: Path, problems: list[Problem]) -> str | None:
+    """First line of a single-line file (control_readline); None if absent."""
+    first = _first_line(path, problems)
+    return None if first is None else first[0]
 
 
 def read_int(path: Path, default: int, problems: list[Problem]) -> int:
-    value = read_line(path, problems)
-    if value is None:
+    first = _first_line(path, problems)
+    if first is None:
         return default
-    if not value.isdigit() or not value.isascii():
+    value, number = first
+    if not (value.isdigit() and value.isascii()):
         problems.append(
             Problem(
                 path,
-                1,
+                number,
                 f"not a number: {value!r}",
                 hint=f"qmail would silently use {_qmail_int(value, default)}",
+            )
+        )
+        return default
+    # len() first: int() refuses strings of more than 4300 digits
+    if len(value) > len(str(INT_MAX)) or int(value) > INT_MAX:
+        problems.append(
+            Problem(
+                path,
+                number,
+                f"too large: more than {INT_MAX}",
+                hint="qmail keeps it in a C int, where it wraps around",
             )
         )
         return default
     return int(value)
 
 
-def _qmail_int(value: str, default: int) -> int:
-    digits = re.match(r"\d*", value)
-    return int(digits.group()) if digits and digits.group() else default
+def _qmail_int(value: str, default: int) -> str:
+    """What qmail's scan_ulong makes of `value`: its leading ASCII digits, else `default`."""
+    digits = re.match(r"[0-9]*", value)
+    if not digits or not digits.group():
+        return str(default)
+    if len(digits.group()) > len(str(INT_MAX)):
+        return "a number that overflowed"
+    return str(int(digits.group()))
 
 
 def read_list(path: Path, problems: list[Problem]) -> list[tuple[int, str]] | None:
@@ -148,16 +172,23 @@ def read_list(path: Path, problems: list[Problem]) -> list[tuple[int, str]] | No
 
 
 def _check_domain(path: Path, number: int, name: str, problems: list[Problem]) -> None:
+    if name[:1] in (" ", "\t"):
+        return  # read_list has said why this entry never matches
     bare = name[1:] if name.startswith(".") else name
     if name.startswith("*"):
+        suffix = name.lstrip("*")
+        hint = (
+            f"write {suffix!r} for every subdomain and {suffix[1:]!r} for the domain itself"
+            if suffix.startswith(".") and len(suffix) > 1
+            else "remove the '*'"
+        )
         problems.append(
             Problem(
                 path,
                 number,
                 f"{name!r}: '*' is not a wildcard in qmail and never matches",
                 "warning",
-                hint=f"write {name.lstrip('*')!r} for every subdomain"
-                + (f" and {name.lstrip('*.')!r} for the domain itself" if "." in name else ""),
+                hint=hint,
             )
         )
     elif not (HOSTNAME.fullmatch(bare.lower()) or LITERAL.fullmatch(bare.lower())):
@@ -172,6 +203,12 @@ class Route:
     relay: str
     port: int | None
     line: int
+
+    @property
+    def text(self) -> str:
+        """The line as smtproutes holds it."""
+        port = "" if self.port is None else f":{self.port}"
+        return f"{self.domain}:{self.relay}{port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +252,21 @@ class Config:
 
     def is_local(self, domain: str) -> bool:
         return domain.lower() in self.locals
+
+    def smtproute(self, host: str) -> Route | None:
+        """The smtproutes line qmail-remote uses for `host` (remote.md §2), if any.
+
+        Keys: the host, each suffix from a `.` (longest first), then `` (the
+        default). The last line for a key wins, as constmap does. A route
+        whose relay is "" means "use MX" and still ends the search.
+        """
+        table = {route.domain: route for route in self.smtproutes}
+        host = host.lower()
+        keys = [host, *(host[i:] for i in range(len(host)) if host[i] == "."), ""]
+        for key in keys:
+            if key in table:
+                return table[key]
+        return None
 
 
 def line_value(root: QmailRoot, name: str, me: str | None, problems: list[Problem]) -> str | None:
@@ -268,24 +320,46 @@ def _virtualdomains(root: QmailRoot, problems: list[Problem]) -> dict[str, str]:
     return table
 
 
+def _qmail_port(text: str) -> str:
+    """The port qmail-remote makes of `text`: scan_ulong (no digits = 0), in 16 bits."""
+    digits = re.match(r"[0-9]*", text)
+    found = digits.group() if digits else ""
+    if len(found) > 18:
+        return "a number that overflowed"
+    return str(int(found or "0") % 65536)
+
+
 def _smtproutes(root: QmailRoot, problems: list[Problem]) -> tuple[Route, ...]:
     path = root.control_file("smtproutes")
     routes = []
     for number, domain, value in _colon_list(path, problems) or []:
-        relay, _, port_text = value.partition(":")
+        relay, has_port, port_text = value.partition(":")
         port: int | None = None
-        if port_text:
-            if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if has_port:
+            # qmail-remote reads `relay:` and `relay:abc` as port 0, `relay:25x` as 25
+            if not (port_text.isdigit() and port_text.isascii() and len(port_text) <= 5) or not (
+                0 < int(port_text) < 65536
+            ):
                 problems.append(
                     Problem(
                         path,
                         number,
                         f"port {port_text!r} is not a number from 1 to 65535",
-                        hint="qmail would read it as port " + str(_qmail_int(port_text, 25)),
+                        hint=f"qmail would use port {_qmail_port(port_text)}",
                     )
                 )
                 continue
             port = int(port_text)
+            if not relay:
+                problems.append(
+                    Problem(
+                        path,
+                        number,
+                        f"no relay host before the port in {value!r}",
+                        hint="qmail would look up an empty host name; write relay:port",
+                    )
+                )
+                continue
         if domain:
             _check_domain(path, number, domain, problems)
         if relay:
@@ -304,6 +378,36 @@ def _domains(root: QmailRoot, name: str, problems: list[Problem]) -> frozenset[s
         return None
     for number, text in entries:
         _check_domain(path, number, text, problems)
+    return frozenset(text.lower() for _, text in entries)
+
+
+def _badmailfrom(root: QmailRoot, problems: list[Problem]) -> frozenset[str]:
+    """Whole addresses and `@domain` lines (control.md §4.1); no wildcards."""
+    path = root.control_file("badmailfrom")
+    entries = read_list(path, problems) or []
+    for number, text in entries:
+        if text[:1] in (" ", "\t"):
+            continue  # read_list has said why it never matches
+        if "*" in text:
+            problems.append(
+                Problem(
+                    path,
+                    number,
+                    f"{text!r}: '*' is not a wildcard in badmailfrom and never matches",
+                    "warning",
+                    hint="write @domain to refuse every sender at that domain",
+                )
+            )
+        elif "@" not in text:
+            problems.append(
+                Problem(
+                    path,
+                    number,
+                    f"{text!r} has no '@': it matches only a sender address written exactly so",
+                    "warning",
+                    hint=f"write {'@' + text.lstrip('.')!r} to refuse every sender at that domain",
+                )
+            )
     return frozenset(text.lower() for _, text in entries)
 
 
@@ -330,8 +434,8 @@ def _unknown_files(root: QmailRoot, problems: list[Problem]) -> None:
     except OSError:
         return
     for name in names:
-        if name in KNOWN_FILES or name.startswith(".") or "." in name:
-            continue
+        if name in KNOWN_FILES or "." in name or name.endswith("~") or name.startswith("#"):
+            continue  # other software's files, editors' backups
         close = difflib.get_close_matches(name, sorted(KNOWN_FILES), n=1, cutoff=0.8)
         if close:
             problems.append(
@@ -349,8 +453,9 @@ def load(root: QmailRoot) -> Config:
     problems: list[Problem] = []
     if not root.control.is_dir():
         problems.append(Problem(root.control, None, "missing directory"))
-    me = read_me(root, problems)
-    if me is None:
+    me: str | None = None
+    first = _first_line(root.control_file("me"), problems)
+    if first is None:
         problems.append(
             Problem(
                 root.control_file("me"),
@@ -359,12 +464,19 @@ def load(root: QmailRoot) -> Config:
                 hint="write the fully qualified host name in it",
             )
         )
-    elif not HOSTNAME.fullmatch(me.lower()):
-        problems.append(Problem(root.control_file("me"), 1, f"not a host name: {me!r}"))
+    else:
+        me, number = first
+        if not HOSTNAME.fullmatch(me.lower()):
+            problems.append(Problem(root.control_file("me"), number, f"not a host name: {me!r}"))
     _unknown_files(root, problems)
 
     def lv(name: str) -> str | None:
         return line_value(root, name, me, problems)
+
+    def single(name: str) -> str:
+        # An empty file is present: its "" stands, no default applies (control.md §1.1).
+        value = lv(name)
+        return name if value is None else value  # None only when it has no default
 
     def iv(name: str) -> int:
         return read_int(root.control_file(name), INT_DEFAULTS[name], problems)
@@ -373,7 +485,6 @@ def load(root: QmailRoot) -> Config:
     if locals_ is None:
         locals_ = frozenset([me.lower()]) if me else frozenset()
     percenthack = _domains(root, "percenthack", problems) or frozenset()
-    badmailfrom_entries = read_list(root.control_file("badmailfrom"), problems) or []
     concurrency = {}
     for name in ("concurrencylocal", "concurrencyremote"):
         value = iv(name)
@@ -391,7 +502,7 @@ def load(root: QmailRoot) -> Config:
         morercpthosts=_domains(root, "morercpthosts", problems),
         percenthack=percenthack,
         virtualdomains=_virtualdomains(root, problems),
-        badmailfrom=frozenset(text.lower() for _, text in badmailfrom_entries),
+        badmailfrom=_badmailfrom(root, problems),
         smtproutes=_smtproutes(root, problems),
         concurrencylocal=concurrency["concurrencylocal"],
         concurrencyremote=concurrency["concurrencyremote"],
@@ -400,15 +511,15 @@ def load(root: QmailRoot) -> Config:
         timeoutsmtpd=timeoutsmtpd,
         timeoutremote=iv("timeoutremote"),
         timeoutconnect=iv("timeoutconnect"),
-        bouncefrom=lv("bouncefrom") or "MAILER-DAEMON",
-        bouncehost=lv("bouncehost") or "bouncehost",
-        doublebounceto=lv("doublebounceto") or "",
-        doublebouncehost=lv("doublebouncehost") or "doublebouncehost",
-        envnoathost=lv("envnoathost") or "envnoathost",
-        idhost=lv("idhost") or "idhost",
-        defaultdomain=lv("defaultdomain") or "defaultdomain",
-        defaulthost=lv("defaulthost") or "defaulthost",
-        plusdomain=lv("plusdomain") or "plusdomain",
+        bouncefrom=single("bouncefrom"),
+        bouncehost=single("bouncehost"),
+        doublebounceto=single("doublebounceto"),
+        doublebouncehost=single("doublebouncehost"),
+        envnoathost=single("envnoathost"),
+        idhost=single("idhost"),
+        defaultdomain=single("defaultdomain"),
+        defaulthost=single("defaulthost"),
+        plusdomain=single("plusdomain"),
         helohost=lv("helohost"),
         localiphost=lv("localiphost"),
         smtpgreeting=lv("smtpgreeting"),
