@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from core.control import Config
 
 
 @dataclass(frozen=True, slots=True)
 class Routed:
-    channel: str  # "local" or "remote"
+    channel: Literal["local", "remote"]
     address: str  # after rewriting (local: prepend-user@domain for virtual domains)
     reason: str  # how it was decided, for the address tracer
 
@@ -58,10 +59,20 @@ def route(config: Config, address: str) -> Routed:
 
 
 def unvirtual(config: Config, address: str) -> str:
-    """The address without its virtual-domain prefix, as a bounce reports it."""
+    """The address without its virtual-domain prefix, as a bounce reports it.
+
+    qmail's own bounces show the prefixed address; this undoes a domain,
+    suffix or catch-all prefix, and only when routing the result gives this
+    address back. The prefix of a `user@domain` entry is not looked for: the
+    rewritten address does not say which user key it came from.
+    """
+    if config.is_local(address.rpartition("@")[2]):
+        return address  # a local domain is never rewritten, whatever it starts with
     hit = _virtual_prepend(config, address, users=False)
     if hit is not None and hit[1]:
         prefix = hit[1] + "-"
         if address.startswith(prefix):
-            return address[len(prefix) :]
+            original = address[len(prefix) :]
+            if route(config, original).address == address:
+                return original
     return address
