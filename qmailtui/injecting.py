@@ -45,7 +45,8 @@ def inject(
     me = control.read_me(root, problems)
     values = {}
     for name in INJECT_CONTROLS:
-        values[name] = control.line_value(root, name, me, problems) or name
+        value = control.line_value(root, name, me, problems)
+        values[name] = value if value is not None else name
     if problems:
         return fatal(prog, f"unable to read controls: {problems[0].format(root.path)}", 111)
     now = time.time()

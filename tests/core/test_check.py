@@ -385,11 +385,6 @@ def test_warnings_only_exit_0_and_errors_exit_1(root: QmailRoot) -> None:
     assert len(checked.lines) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="qmailtui/cli.py prints problem text with the terminal's strict encoding: a file"
-    " name that is not UTF-8 in alias/ gives a UnicodeEncodeError traceback",
-)
 def test_file_name_that_is_not_utf8_is_printed_without_a_traceback(root: QmailRoot) -> None:
     path = os.fsencode(root.alias) + b"/.qmail-\xff"
     with open(path, "w") as f:
