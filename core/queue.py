@@ -23,9 +23,11 @@ States, each reached by one atomic filesystem step (INTERNALS.md):
                                   then todo/N and intd/N unlinked
     then back to S1: info unlinked, then mess.
 
-A crash leaves only S2/S3 leftovers (mess or intd without todo/info), which
+A crash leaves S2/S3 leftovers (mess or intd without todo/info), which
 `cleanup_orphans` removes: such a message was never acknowledged, and its
-writer, which held an flock on the mess file, is gone. Message ids come from
+writer, which held an flock on the mess file, is gone. It also removes the
+channel files a crash in the middle of a removal leaves. A crash during
+preprocessing leaves info beside todo: todo wins, the message is still S4. Message ids come from
 `lock/nextid` and are never reused within a root (qmail reuses inode numbers).
 """
 
@@ -211,10 +213,16 @@ class Queue:
                     for name in os.listdir(self.dir / kind / str(i)):
                         if name.isdigit():
                             highest = max(highest, int(name))
-        with contextlib.suppress(OSError):
-            for name in os.listdir(self.dir / "todo"):
-                if name.isdigit():
-                    highest = max(highest, int(name))
+        for flat in ("todo", "intd"):
+            with contextlib.suppress(OSError):
+                for name in os.listdir(self.dir / flat):
+                    if name.isdigit():
+                        highest = max(highest, int(name))
+        with contextlib.suppress(OSError):  # writers at work: pid/PID.TIME.ID
+            for name in os.listdir(self.dir / "pid"):
+                last = name.rpartition(".")[2]
+                if last.isdigit():
+                    highest = max(highest, int(last))
         return highest
 
     # -- enqueue (qmail-queue) -----------------------------------------------
@@ -239,7 +247,10 @@ class Queue:
         for rcpt in recipients:
             check_address(rcpt)
         envelope = encode_envelope(uid, pid, sender, recipients)
-        msgid = self.new_id()
+        try:
+            msgid = self.new_id()
+        except OSError as e:
+            raise _queue_error(e) from e
         made: list[Path] = []
         fd = -1
         try:
@@ -273,9 +284,7 @@ class Queue:
             raise
         except OSError as e:
             self._undo(made)
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG):
-                raise QueueError(WRITE_ERROR) from e
-            raise QueueError(NO_QUEUE) from e
+            raise _queue_error(e) from e
         finally:
             if fd >= 0:
                 os.close(fd)
@@ -309,6 +318,13 @@ class Queue:
         return decode_envelope(self.root.todo(msgid).read_bytes())
 
     def info_ids(self) -> list[int]:
+        """Preprocessed messages (S5). An info file beside a todo file is what an
+        interrupted preprocessing left: that message is still S4, and its
+        preprocessing is redone from todo (queue.md §6.2), never trusted."""
+        todo = set(self.todo_ids())
+        return [i for i in self._info_files() if i not in todo]
+
+    def _info_files(self) -> list[int]:
         ids: list[int] = []
         for i in range(SPLIT):
             with contextlib.suppress(FileNotFoundError):
@@ -491,7 +507,7 @@ class Queue:
                 continue
             if self._unlink_unlocked(path, now, min_age):
                 removed.append(path)
-        info = set(self.info_ids())
+        info = set(self._info_files())
         todo = set(self.todo_ids())
         for i in range(SPLIT):
             for name in os.listdir(self.dir / "mess" / str(i)):
@@ -512,6 +528,16 @@ class Queue:
                 if name.isdigit() and not self.root.mess(int(name)).exists():
                     path = self.dir / kind / name
                     if kind != "intd" or self._old(path, now, min_age):
+                        with contextlib.suppress(FileNotFoundError):
+                            path.unlink()
+                            removed.append(path)
+        # remove_message unlinks info first: a crash right after leaves these.
+        # Only preprocessing writes them, and only for a message in mess/.
+        for channel in CHANNELS:
+            for i in range(SPLIT):
+                for name in os.listdir(self.dir / channel / str(i)):
+                    if name.isdigit() and not self.root.mess(int(name)).exists():
+                        path = self.root.channel(channel, int(name))
                         with contextlib.suppress(FileNotFoundError):
                             path.unlink()
                             removed.append(path)
@@ -549,6 +575,12 @@ class Queue:
             os.close(fd)
 
 
+def _queue_error(e: OSError) -> QueueError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG):
+        return QueueError(WRITE_ERROR)
+    return QueueError(NO_QUEUE)
+
+
 def _b(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
@@ -572,9 +604,11 @@ def bounce_entry(recipient: str, report: str) -> bytes:
     text = bytearray(_b("<" + recipient.replace("\n", "_") + ">:\n" + report))
     if report and not report.endswith("\n"):
         text += b"\n"
-    for pos in range(len(text) - 2):
-        if text[pos] == 0x0A and text[pos + 1] == 0x0A:
-            text[pos + 1] = 0x2F
+    # From the end backwards, as addbounce() does: three newlines become "\n//",
+    # not "\n/\n" (which a forward walk would give).
+    for pos in range(len(text) - 2, 0, -1):
+        if text[pos] == 0x0A and text[pos - 1] == 0x0A:
+            text[pos] = 0x2F
     return bytes(text + b"\n")
 
 
