@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.setup import init_root  # noqa: E402
+from core.setup import init_root
 
 MESSAGE = b"To: alice@bench.test\nSubject: cron output\n\n" + b"all is well\n" * 40
 HEAVY = ("asyncio", "email", "textual", "rich", "json", "argparse", "aiosmtpd", "dns", "cdblib")

@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core import users  # noqa: E402
-from core.daemon import Core  # noqa: E402
-from core.paths import QmailRoot  # noqa: E402
-from core.setup import init_root, maildirmake  # noqa: E402
+from core import users
+from core.daemon import Core
+from core.paths import QmailRoot
+from core.setup import init_root, maildirmake
 
 FSYNCS = 0
 _real_fsync = os.fsync

@@ -159,7 +159,9 @@ def message_json(message: Message, config: Config) -> dict[str, Any]:
 
 
 def _printable(text: str) -> str:
-    return "".join(ch if 32 <= ord(ch) <= 126 else "_" for ch in text)
+    """qmail-qread's printing: every byte outside 32..126 becomes one `_`."""
+    data = text.encode("utf-8", "surrogateescape")
+    return "".join(chr(b) if 32 <= b <= 126 else "_" for b in data)
 
 
 def qread(messages: Iterable[tuple[Message, bool]]) -> str:

@@ -131,8 +131,8 @@ class Core:
         if new.errors:
             for problem in new.errors:
                 self.log.line(
-                f"alert: {problem.format(self.root.path)}; keeping the last good configuration"
-            )
+                    f"alert: {problem.format(self.root.path)}; keeping the last good configuration"
+                )
             self.events.publish("config-rejected", problems=[p.as_dict() for p in new.errors])
             return new.errors
         self._config = new

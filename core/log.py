@@ -24,15 +24,16 @@ from core.timefmt import tai64n
 
 
 def safe(text: str) -> str:
-    """qmail-send's safe printing: newline -> '/', bytes outside 33..126 or '%' -> '_'."""
+    """qmail-send's safe printing, byte by byte: newline -> '/', '%' and every byte
+    outside 33..126 -> '_'."""
     out = []
-    for ch in text:
-        if ch == "\n":
+    for b in text.encode("utf-8", "surrogateescape"):
+        if b == 0x0A:
             out.append("/")
-        elif ch == "%" or not 33 <= ord(ch) <= 126:
+        elif b == 0x25 or not 33 <= b <= 126:
             out.append("_")
         else:
-            out.append(ch)
+            out.append(chr(b))
     return "".join(out)
 
 

@@ -116,6 +116,7 @@ class ActionResult:
     done: list[int]
     failed: dict[int, str]
     dry_run: bool
+    skipped: dict[int, str] = field(default_factory=dict)  # e.g. held, for retry
 
     @property
     def summary(self) -> str:
@@ -125,6 +126,8 @@ class ActionResult:
         if self.dry_run:
             return f"would act on {len(self.ids)} message(s)"
         text = f"{verb} {len(self.done)} message(s)"
+        if self.skipped:
+            text += f", skipped {len(self.skipped)}"
         if self.failed:
             text += f", {len(self.failed)} failed"
         return text
@@ -136,6 +139,7 @@ class ActionResult:
             "done": self.done,
             "failed": {str(k): v for k, v in self.failed.items()},
             "dry_run": self.dry_run,
+            "skipped": {str(k): v for k, v in self.skipped.items()},
             "summary": self.summary,
         }
 
@@ -735,16 +739,17 @@ class Send:
         if dry_run:
             return ActionResult(action, [m.id for m in targets], [], failed, True)
         done: list[int] = []
+        skipped: dict[int, str] = {}
         for message in targets:
             try:
                 if await self._act_one(action, message):
                     done.append(message.id)
                 else:
-                    failed[message.id] = f"cannot {action} a message that is held"
+                    skipped[message.id] = "held: release it first"
             except OSError as e:
                 failed[message.id] = f"{e.strerror or e}"
         self.wake()
-        return ActionResult(action, [m.id for m in targets], done, failed, False)
+        return ActionResult(action, [m.id for m in targets], done, failed, False, skipped)
 
     async def _act_one(self, action: str, message: Message) -> bool:
         if action == "retry":
@@ -812,5 +817,3 @@ class Send:
         self.log.line(f"info msg {message.id}: deleted by the postmaster")
         self.log.line(f"end msg {message.id}")
         self.events.publish("removed", id=message.id)
-
-

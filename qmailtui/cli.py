@@ -202,16 +202,22 @@ def format_show(result: dict[str, Any]) -> str:
 
 
 def _confirm(question: str) -> bool:
+    """Ask on the terminal; with no terminal (cron, a pipe) the answer is no."""
     try:
-        tty = open("/dev/tty", "r+")  # noqa: SIM115 - closed below
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
     except OSError:
         return False
     try:
-        tty.write(f"{question} [y/N] ")
-        tty.flush()
-        return tty.readline().strip().lower() in ("y", "yes")
+        os.write(fd, f"{question} [y/N] ".encode())
+        answer = b""
+        while not answer.endswith(b"\n") and len(answer) < 100:
+            chunk = os.read(fd, 100)
+            if not chunk:
+                break
+            answer += chunk
+        return answer.strip().lower() in (b"y", b"yes")
     finally:
-        tty.close()
+        os.close(fd)
 
 
 def cmd_act(args: argparse.Namespace) -> int:
@@ -241,8 +247,9 @@ def cmd_act(args: argparse.Namespace) -> int:
                 return 1 if missing else 0
             if not chosen:
                 for msgid, why in missing.items():
-                    print(f"{PROG}: {msgid}: {why}", file=sys.stderr)
-                print(f"{PROG}: queue {action}: no message matches", file=sys.stderr)
+                    print(f"{PROG}: queue {action}: {msgid}: {why}", file=sys.stderr)
+                if not missing:
+                    print(f"{PROG}: queue {action}: no message matches", file=sys.stderr)
                 return 1
             if action in ("delete", "bounce") and len(chosen) > 1 and not args.yes:
                 for m in chosen:
@@ -254,9 +261,13 @@ def cmd_act(args: argparse.Namespace) -> int:
                 "act", action=action, ids=[m["id"] for m in chosen], dry_run=False
             )
         for msgid, why in {**missing, **result["failed"]}.items():
-            print(f"{PROG}: {msgid}: {why}", file=sys.stderr)
+            print(f"{PROG}: queue {action}: {msgid}: {why}", file=sys.stderr)
+        for msgid, why in result.get("skipped", {}).items():
+            print(f"{PROG}: queue {action}: {msgid}: skipped: {why}", file=sys.stderr)
         print(result["summary"])
-        return 1 if result["failed"] or missing else 0
+        # A held message skipped by a filter (retry --all) is no failure; one named by id is.
+        named_skips = ids is not None and bool(result.get("skipped"))
+        return 1 if result["failed"] or missing or named_skips else 0
 
     return _run(go())
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,11 +12,10 @@ from tests.oracle import oracle_bin
 
 
 @pytest.fixture(autouse=True)
-def _keep_the_machine_out(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+def _keep_the_machine_out(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A test never reads the developer's /var/qmail or writes to $HOME."""
     monkeypatch.setenv("QMAILHOME", str(tmp_path / "no-such-root"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    yield
 
 
 @pytest.fixture(scope="session")

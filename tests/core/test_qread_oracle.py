@@ -173,11 +173,6 @@ def test_bytes_outside_32_to_126_print_as_underscores_like_qmail_qread(
     assert ours(root, "queue", "list") == theirs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core/admin.py _printable() maps each character, qmail-qread each byte: "
-    "a UTF-8 'é' (2 bytes) prints as one '_' instead of two",
-)
 def test_utf8_addresses_print_one_underscore_per_byte_like_qmail_qread(
     oracle: Path, root: QmailRoot
 ) -> None:

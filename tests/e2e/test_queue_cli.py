@@ -377,11 +377,6 @@ def test_an_unknown_id_fails_and_changes_nothing(q: Setup, action: str) -> None:
     assert queue_files(q.root) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="qmailtui/cli.py cmd_act prints '99999: no such message in the queue' and then "
-    "'queue ACTION: no message matches': two lines for one mistake",
-)
 def test_an_unknown_id_is_one_line(root: QmailRoot) -> None:
     populate(root)
     result = cli(root, "queue", "hold", "99999")
@@ -459,12 +454,6 @@ def on_terminal(root: QmailRoot, args: list[str], answer: bytes | None) -> tuple
         os.close(master)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="qmailtui/cli.py _confirm opens /dev/tty with open(..., 'r+') in text mode, "
-    "which raises io.UnsupportedOperation (a tty is not seekable; it is an OSError, so "
-    "caught): the question is never asked and every delete/bounce of several declines",
-)
 @pytest.mark.parametrize(("answer", "acted"), [(b"y\n", True), (b"n\n", False), (b"\n", False)])
 def test_on_a_terminal_deleting_several_asks_first(q: Setup, answer: bytes, acted: bool) -> None:
     code, seen = on_terminal(q.root, ["queue", "delete", "--sender", "alice@a.test"], answer)
