@@ -19,14 +19,18 @@ from core import control, local
 from core.clock import Clock, SystemClock
 from core.control import Config
 from core.controlsock import ControlSocket
+from core.durable import GroupCommit
 from core.errors import ExitCode, Problem, UserError
 from core.events import Events
 from core.local import Result
 from core.log import Log
+from core.lspawn import LocalSpawner
 from core.paths import QmailRoot
 from core.queue import Queue
 from core.send import Send
 from core.service import Service
+
+QUEUE_THREADS = 4
 
 
 def lock_root(root: QmailRoot) -> int:
@@ -83,7 +87,11 @@ def make_send(
     log: Log,
     events: Events,
     executor: ThreadPoolExecutor,
+    spawner: LocalSpawner | None = None,
 ) -> Send:
+    """The scheduler; local deliveries go to `spawner`'s process, or (for the
+    command line with no core, which only delivers to nobody) run in-process."""
+
     def deliver_local(recipient: str, sender: str, msgid: int, now: float) -> Result:
         return local.deliver(root, config(), queue, recipient, sender, msgid, now)
 
@@ -93,7 +101,7 @@ def make_send(
         clock=clock,
         log=log,
         events=events,
-        local=deliver_local,
+        local=spawner.deliver if spawner is not None else deliver_local,
         executor=executor,
     )
 
@@ -117,6 +125,7 @@ class Core:
         self._stopping = asyncio.Event()
         self.send: Send | None = None
         self.service: Service | None = None
+        self.spawner: LocalSpawner | None = None
 
     def config(self) -> Config:
         assert self._config is not None
@@ -136,11 +145,16 @@ class Core:
             self.events.publish("config-rejected", problems=[p.as_dict() for p in new.errors])
             return new.errors
         self._config = new
+        if self.spawner is not None:
+            self.spawner.reload()
         self.log.line("info: configuration reloaded")
         self.events.publish("config-reloaded")
         if self.send is not None:
             self.send.wake()
         return []
+
+    def _lost_spawn(self, why: str) -> None:
+        self.log.line(f"alert: {why}; deferring its deliveries, starting a new one")
 
     def retry_all(self) -> None:
         if self.send is not None:
@@ -161,8 +175,12 @@ class Core:
         self.root.pid_file.write_text(f"{os.getpid()}\n")
         loop = asyncio.get_running_loop()
         self.events.bind(loop)
-        executor = ThreadPoolExecutor(64, thread_name_prefix="core")
-        queue = Queue(self.root, id_block=64)
+        # Few threads: they only do queue file work (deliveries have their own
+        # process), and every extra runnable thread costs GIL hand-offs.
+        executor = ThreadPoolExecutor(QUEUE_THREADS, thread_name_prefix="core")
+        durability = GroupCommit()
+        queue = Queue(self.root, id_block=64, durability=durability)
+        self.spawner = LocalSpawner(self.root, self._lost_spawn)
         self.send = make_send(
             self.root,
             queue,
@@ -171,13 +189,14 @@ class Core:
             log=self.log,
             events=self.events,
             executor=executor,
+            spawner=self.spawner,
         )
         self.service = Service(self.root, self.send, self.config, self.clock)
         sock = ControlSocket(self.root.control_socket, self.service)
         trigger = self._listen_trigger(loop)
         handled = self._signals(loop)
         try:
-            await self.send.load()
+            await self.send.load(cleanup=True)  # before anything else may write the queue
             await sock.start()
             self.started.set()
             if self._ready is not None:
@@ -190,7 +209,9 @@ class Core:
             for fd in trigger:
                 os.close(fd)
             await sock.close()
+            await self.spawner.close()
             executor.shutdown(wait=True)
+            durability.close()
             self.log.close()
 
     def _listen_trigger(self, loop: asyncio.AbstractEventLoop) -> tuple[int, int]:

@@ -214,7 +214,7 @@ def deliver(
                 )
             try:
                 if ins.kind == "maildir":
-                    deliver_maildir(target, rpline + dtline, message)
+                    deliver_maildir(target, rpline + dtline, message, queue.durable)
                 else:
                     deliver_mbox(target, rpline + dtline, message, sender)
             except MailboxError as e:

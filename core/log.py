@@ -22,6 +22,8 @@ from core.clock import Clock, SystemClock
 from core.events import Events
 from core.timefmt import tai64n
 
+FLUSH_INTERVAL = 0.05  # seconds a line may wait before it is written
+
 
 def safe(text: str) -> str:
     """qmail-send's safe printing, byte by byte: newline -> '/', '%' and every byte
@@ -84,7 +86,8 @@ class Log:
             if self._writer is None:
                 self._writer = threading.Thread(target=self._write_loop, name="log", daemon=True)
                 self._writer.start()
-            self._cond.notify()
+            # No notify: waking the writer for every line costs a context switch each;
+            # it wakes by itself every FLUSH_INTERVAL and takes what has gathered.
         if self.events is not None:
             self.events.publish("log", when=now, text=text)
 
@@ -92,7 +95,9 @@ class Log:
         while True:
             with self._cond:
                 while not self._pending and not self._closing:
-                    self._cond.wait()
+                    self._cond.wait(FLUSH_INTERVAL)
+                if not self._closing:
+                    self._cond.wait(FLUSH_INTERVAL)  # let a batch gather
                 batch, self._pending = self._pending, []
                 closing = self._closing
             if batch:

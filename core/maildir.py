@@ -14,9 +14,12 @@ import itertools
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import BinaryIO
 
+from core.durable import Durability, FsyncEach
+from core.paths import is_same_file
 from core.timefmt import mbox_date
 
 _deliveries = itertools.count(1)
@@ -46,18 +49,26 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _copy(fd: int, source: Path, transform: Iterable[bytes] | None = None) -> None:
-    if transform is not None:
-        for chunk in transform:
-            _write_all(fd, chunk)
-        return
+def _copy(
+    fd: int, source: Path, transform: Callable[[BinaryIO], Iterable[bytes]] | None = None
+) -> None:
+    """Copy the queued message; fail if it was removed (and its inode reused) meanwhile."""
     with open(source, "rb") as f:
-        while chunk := f.read(COPY_CHUNK):
-            _write_all(fd, chunk)
+        if transform is not None:
+            for chunk in transform(f):
+                _write_all(fd, chunk)
+        else:
+            while chunk := f.read(COPY_CHUNK):
+                _write_all(fd, chunk)
+        if not is_same_file(source, f.fileno()):
+            raise FileNotFoundError(errno.ENOENT, "message removed during delivery", str(source))
 
 
-def deliver_maildir(maildir: Path, header: bytes, message: Path) -> str:
+def deliver_maildir(
+    maildir: Path, header: bytes, message: Path, durable: Durability | None = None
+) -> str:
     """Deliver header + the message file into `maildir`; return the new/ name."""
+    durable = durable or FsyncEach()
     if not (maildir / "tmp").is_dir() or not (maildir / "new").is_dir():
         raise MailboxError("Unable to chdir to maildir. (#4.2.1)")
     for _ in range(3):
@@ -76,9 +87,9 @@ def deliver_maildir(maildir: Path, header: bytes, message: Path) -> str:
         try:
             _write_all(fd, header)
             _copy(fd, message)
-            os.fsync(fd)
         finally:
             os.close(fd)
+        durable.sync([tmp], [])
         os.link(tmp, maildir / "new" / name)
     except OSError as e:
         with contextlib.suppress(OSError):
@@ -86,13 +97,13 @@ def deliver_maildir(maildir: Path, header: bytes, message: Path) -> str:
         if isinstance(e, FileNotFoundError) and e.filename == str(message):
             raise MailboxError("Unable to read message. (#4.3.0)") from e
         raise MailboxError("Temporary error on maildir delivery. (#4.3.0)") from e
+    # The link is the delivery: make it durable before saying so.
+    try:
+        durable.sync([], [maildir / "new"])
+    except OSError as e:
+        raise MailboxError("Temporary error on maildir delivery. (#4.3.0)") from e
     with contextlib.suppress(OSError):
         tmp.unlink()
-    fd = os.open(maildir / "new", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)  # the link is the delivery: make it durable before saying so
-    finally:
-        os.close(fd)
     return name
 
 
@@ -103,16 +114,14 @@ def from_line(sender: str, now: float) -> bytes:
     return f"From {who} {mbox_date(now)}\n".encode("utf-8", "surrogateescape")
 
 
-def _mboxrd(message: Path) -> Iterable[bytes]:
+def _mboxrd(f: BinaryIO) -> Iterable[bytes]:
     """The message with `>*From ` lines quoted one level deeper, ending in NL + blank."""
     last = b"\n"
-    with open(message, "rb") as f:
-        for line in f:
-            stripped = line.lstrip(b">")
-            if stripped.startswith(b"From "):
-                line = b">" + line
-            last = line
-            yield line
+    for line in f:
+        if line.lstrip(b">").startswith(b"From "):
+            line = b">" + line
+        last = line
+        yield line
     yield b"\n" if last.endswith(b"\n") else b"\n\n"
 
 
@@ -127,7 +136,7 @@ def deliver_mbox(path: Path, header: bytes, message: Path, sender: str) -> None:
         start = os.lseek(fd, 0, os.SEEK_END)
         try:
             _write_all(fd, from_line(sender, time.time()) + header)
-            _copy(fd, message, _mboxrd(message))
+            _copy(fd, message, _mboxrd)
             os.fsync(fd)
         except OSError as e:
             if locked:

@@ -8,7 +8,18 @@ from pathlib import Path
 SPLIT = 23  # conf-split: hash subdirectories of mess/ info/ local/ remote/
 
 SPLIT_DIRS = ("mess", "info", "local", "remote")
-FLAT_DIRS = ("todo", "intd", "bounce", "pid", "lock", "hold", "state")
+FLAT_DIRS = ("todo", "intd", "bounce", "pid", "lock", "hold", "state", "spare")
+
+
+def is_same_file(path: Path, fd: int) -> bool:
+    """Does `path` still name the file open on `fd`? (A queue file's inode may be
+    reused once its message is gone; a reader checks this after reading.)"""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    fst = os.fstat(fd)
+    return (st.st_ino, st.st_dev) == (fst.st_ino, fst.st_dev)
 
 
 def default_root() -> Path:

@@ -12,16 +12,33 @@ A message N lives in these files (spec/queue.md §4; S = N mod 23):
     bounce/N       the permanent-failure reports gathered for the bounce
     hold/N         [ours] present while an administrator holds the message
     state/N        [ours] attempts and last replies (JSON), for "why is it stuck"
+    spare/*        [ours] files of finished messages, kept to be written over
+
+Why spare/: on ext4 without a journal, creating a file after many recent
+deletions costs about 0.5 ms of CPU (the allocator skips every recently
+deleted inode), twenty times a rename; a queue creates and deletes several
+files per message. So a finished message's files are renamed into spare/,
+and a new file is a spare renamed into place, truncated and written. A
+spare is renamed to a name that does not exist yet and its old bytes are
+truncated away before anything reads it. A mess/ file goes to spare/ only
+when the scheduler knows no delivery is reading it; any other reader checks,
+after reading, that the name still leads to the inode it read (`read_message`).
 
 States, each reached by one atomic filesystem step (INTERNALS.md):
 
     S1  nothing
-    S2  mess                      pid/ -> link mess/S/N (complete, fsynced)
-    S3  mess intd                 intd/N written and fsynced
-    S4  mess intd? todo           link intd/N -> todo/N: THE COMMIT; fsync todo/
-    S5  mess info local? remote?  preprocessed: info and channel files fsynced,
+    S2  mess                      pid/ and intd/N written and made durable, then
+    S3  mess intd                 pid/ -> link mess/S/N
+    S4  mess intd? todo           link intd/N -> todo/N: THE COMMIT, made durable
+    S5  mess info local? remote?  preprocessed: info and channel files durable,
                                   then todo/N and intd/N unlinked
     then back to S1: info unlinked, then mess.
+
+"Made durable" is one `Durability.sync` (durable.py): every file's content
+before any name that points at it, and the commit's names before the
+caller hears "queued". A file system that orders nothing (ext4 without a
+journal) can then lose the mess link but keep the todo link after a crash:
+such a todo/N never was acknowledged, and cleanup_orphans removes it.
 
 A crash leaves S2/S3 leftovers (mess or intd without todo/info), which
 `cleanup_orphans` removes: such a message was never acknowledged, and its
@@ -42,11 +59,14 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from core.paths import FLAT_DIRS, SPLIT, SPLIT_DIRS, QmailRoot
+from core.durable import Durability, FsyncEach
+from core.paths import FLAT_DIRS, SPLIT, SPLIT_DIRS, QmailRoot, is_same_file
 from core.timefmt import date822
 
 CHANNELS = ("local", "remote")
 ADDRESS_MAX = 1002  # qmail-queue: a longer address is "envelope address too long" (exit 11)
+_OWN_FILES = ("hold", "state", "bounce")  # per-message files beside qmail's
+SPARE_MAX = 4096  # files kept in spare/ at most
 ORPHAN_AGE = 3600.0  # seconds before an unlocked leftover may be removed while a core runs
 
 
@@ -155,12 +175,20 @@ class Queue:
     calls them directly, without asyncio.
     """
 
-    def __init__(self, root: QmailRoot, id_block: int = 1) -> None:
+    def __init__(
+        self, root: QmailRoot, id_block: int = 1, durability: Durability | None = None
+    ) -> None:
         self.root = root
+        self.durable: Durability = durability or FsyncEach()
         self.dir = root.queue
         self._id_block = id_block
         self._ids: Iterator[int] = iter(())
         self._id_lock = threading.Lock()
+        self._spares: list[str] = []
+        self._spare_lock = threading.Lock()
+        self._spare_count = -1  # unknown until spare/ is first listed
+        self._spare_listed = 0.0
+        self._spare_seq = 0
 
     # -- layout ----------------------------------------------------------
 
@@ -255,30 +283,28 @@ class Queue:
         fd = -1
         try:
             temp = self.dir / "pid" / f"{pid}.{int(now)}.{msgid}"
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            fd = self._open_new(temp)
             made.append(temp)
             # Held until we exit: cleanup_orphans never takes a file being written.
             fcntl.flock(fd, fcntl.LOCK_EX)
             _write_all(fd, received_line(pid, invoked, now))
             _write_all(fd, message)
-            os.fsync(fd)
+            intd = self.root.intd(msgid)
+            efd = self._open_new(intd)
+            made.append(intd)
+            try:
+                _write_all(efd, envelope)
+            finally:
+                os.close(efd)
+            self.durable.sync([temp, intd], [])  # the contents, before any name for them
             mess = self.root.mess(msgid)
             os.link(temp, mess)
             made.append(mess)
             os.unlink(temp)
             made.remove(temp)
-            fsync_directory(mess.parent)  # S2
-            intd = self.root.intd(msgid)
-            efd = os.open(intd, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            made.append(intd)
-            try:
-                _write_all(efd, envelope)
-                os.fsync(efd)
-            finally:
-                os.close(efd)
             os.link(intd, self.root.todo(msgid))  # S4: the commit point
             made.append(self.root.todo(msgid))
-            fsync_directory(self.dir / "todo")
+            self.durable.sync([], [mess.parent, self.dir / "todo"])
         except QueueError:
             self._undo(made)
             raise
@@ -290,6 +316,71 @@ class Queue:
                 os.close(fd)
         self.pull_trigger()
         return msgid
+
+    # -- recycled files (spare/) -------------------------------------------
+
+    def _open_new(self, path: Path) -> int:
+        """A file descriptor for writing a new, empty file at `path` (a name no
+        file has), reusing a spare inode when there is one."""
+        while True:
+            name = self._pop_spare()
+            if name is None:
+                return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                os.rename(self.dir / "spare" / name, path)
+            except FileNotFoundError:
+                continue  # another process took it first
+            try:
+                return os.open(path, os.O_WRONLY | os.O_TRUNC)
+            except PermissionError:  # another user's spare: use a fresh file instead
+                path.unlink()
+                return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+
+    def _pop_spare(self) -> str | None:
+        with self._spare_lock:
+            if not self._spares and time.monotonic() - self._spare_listed > 1.0:
+                self._list_spares()
+            if not self._spares:
+                return None
+            self._spare_count -= 1
+            return self._spares.pop()
+
+    def _list_spares(self) -> None:
+        """Read a few names from spare/ (lazily: inject needs two at most)."""
+        self._spare_listed = time.monotonic()
+        try:
+            with os.scandir(self.dir / "spare") as entries:
+                for entry in entries:
+                    self._spares.append(entry.name)
+                    if len(self._spares) >= 64:
+                        break
+        except FileNotFoundError:
+            return
+
+    def _retire(self, path: Path) -> None:
+        """Remove a finished message's file, keeping its inode in spare/ if room."""
+        with self._spare_lock:
+            if self._spare_count < 0:
+                try:
+                    self._spare_count = len(os.listdir(self.dir / "spare"))
+                except FileNotFoundError:
+                    self._spare_count = SPARE_MAX
+            keep = self._spare_count < SPARE_MAX
+            if keep:
+                self._spare_seq += 1
+                name = f"{os.getpid()}.{threading.get_ident()}.{self._spare_seq}"
+                self._spare_count += 1
+        try:
+            if keep:
+                os.rename(path, self.dir / "spare" / name)
+                with self._spare_lock:
+                    self._spares.append(name)
+            else:
+                path.unlink()
+        except FileNotFoundError:
+            if keep:
+                with self._spare_lock:
+                    self._spare_count -= 1
 
     def _undo(self, made: list[Path]) -> None:
         for path in reversed(made):
@@ -361,8 +452,88 @@ class Queue:
     def message_size(self, msgid: int) -> int:
         return self.root.mess(msgid).stat().st_size
 
-    def read_message(self, msgid: int) -> bytes:
-        return self.root.mess(msgid).read_bytes()
+    def read_message(self, msgid: int, limit: int = -1) -> bytes:
+        """The message file's bytes, checked to be this message's after reading
+        (its inode may be reused once the message is gone: see spare/)."""
+        path = self.root.mess(msgid)
+        with open(path, "rb") as f:
+            data = f.read(limit)
+            still_ours = is_same_file(path, f.fileno())
+        if not still_ours:
+            raise FileNotFoundError(errno.ENOENT, "message removed while being read", str(path))
+        return data
+
+    # -- the running core's own enqueue: S1 -> S5 directly ---------------------
+
+    def enqueue_routed(
+        self,
+        message: bytes,
+        sender: str,
+        local: list[str],
+        remote: list[str],
+        *,
+        uid: int,
+        pid: int,
+        invoked: str,
+        now: float,
+    ) -> int:
+        """Queue a message already split into channels (the core preprocesses what
+        it receives itself, so todo/ is skipped); return its id once durable.
+
+        Contents first: the message (in pid/), the channel files at their names,
+        the info file (in pid/); then the names mess/S/N and info/S/N. info is
+        the commit. After a crash, info without mess was never acknowledged and
+        cleanup_orphans removes it, as it removes mess or channel files without
+        info.
+        """
+        check_address(sender)
+        for rcpt in (*local, *remote):
+            check_address(rcpt)
+        try:
+            msgid = self.new_id()
+        except OSError as e:
+            raise _queue_error(e) from e
+        made: list[Path] = []
+        fd = -1
+        try:
+            temp = self.dir / "pid" / f"{pid}.{int(now)}.{msgid}"
+            fd = self._open_new(temp)
+            made.append(temp)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # see enqueue()
+            _write_all(fd, received_line(pid, invoked, now))
+            _write_all(fd, message)
+            channels = []
+            for channel, rcpts in zip(CHANNELS, (local, remote), strict=True):
+                if rcpts:
+                    path = self.root.channel(channel, msgid)
+                    made.append(path)
+                    channels.append(
+                        self._write_new(path, b"".join(b"T" + _b(r) + b"\0" for r in rcpts))
+                    )
+            info_temp = self.dir / "pid" / f"{pid}.{int(now)}.{msgid}.info"
+            made.append(info_temp)
+            self._write_new(info_temp, b"F" + _b(sender) + b"\0")
+            os.utime(info_temp, (now, now))  # info's mtime is the birth time
+            self.durable.sync([temp, *channels, info_temp], [p.parent for p in channels])
+            mess, info = self.root.mess(msgid), self.root.info(msgid)
+            os.link(temp, mess)
+            made.append(mess)
+            os.link(info_temp, info)  # S5: the commit point
+            made.append(info)
+            self.durable.sync([], [mess.parent, info.parent])
+            for path in (temp, info_temp):
+                os.unlink(path)
+                made.remove(path)
+        except QueueError:
+            self._undo(made)
+            raise
+        except OSError as e:
+            self._undo(made)
+            raise _queue_error(e) from e
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        return msgid
 
     # -- preprocessing (qmail-send, S4 -> S5) ------------------------------
 
@@ -380,17 +551,16 @@ class Queue:
                 written.append(self._write_new(self.root.channel(channel, msgid), data))
         for path in written:
             os.utime(path, (now, now))
-        for directory in {p.parent for p in written}:
-            fsync_directory(directory)
-        for path in (self.root.intd(msgid), self.root.todo(msgid)):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        self.durable.sync(written, [p.parent for p in written])
+        with contextlib.suppress(FileNotFoundError):
+            self.root.intd(msgid).unlink()
+        self._retire(self.root.todo(msgid))  # its last name: the inode is free to reuse
 
     def _write_new(self, path: Path, data: bytes) -> Path:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        """Write a new file; the caller makes it durable (with its siblings)."""
+        fd = self._open_new(path)
         try:
             _write_all(fd, data)
-            os.fsync(fd)
         finally:
             os.close(fd)
         return path
@@ -412,8 +582,7 @@ class Queue:
             os.utime(self.root.channel(channel, msgid), (when, when))
 
     def remove_channel(self, channel: str, msgid: int) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.root.channel(channel, msgid).unlink()
+        self._retire(self.root.channel(channel, msgid))
 
     def append_bounce(self, msgid: int, recipient: str, report: str) -> None:
         """Add one failure to bounce/N in qmail's format (send.md §6.1), durably:
@@ -432,24 +601,30 @@ class Queue:
             return None
 
     def remove_bounce(self, msgid: int) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.root.bounce(msgid).unlink()
+        self._retire(self.root.bounce(msgid))
 
-    def remove_message(self, msgid: int) -> None:
-        """Finish a message: info first (S5 -> S2), then the rest (S2 -> S1)."""
-        paths = [
-            self.root.info(msgid),
-            *(self.root.channel(c, msgid) for c in CHANNELS),
-            self.root.todo(msgid),
-            self.root.bounce(msgid),
-            self.root.hold(msgid),
-            self.root.state(msgid),
-            self.root.intd(msgid),
-            self.root.mess(msgid),
-        ]
-        for path in paths:
+    def remove_message(self, msgid: int, reuse_mess: bool = False) -> None:
+        """Finish a message: info first (S5 -> S2), then the rest (S2 -> S1).
+
+        The small files go to spare/. mess goes there only with `reuse_mess`,
+        which the caller may pass only when nothing reads the message (no
+        delivery running); otherwise it is unlinked, and an open descriptor
+        keeps reading the old bytes.
+        """
+        self._retire(self.root.info(msgid))
+        for channel in CHANNELS:
+            self._retire(self.root.channel(channel, msgid))
+        with contextlib.suppress(FileNotFoundError):
+            self.root.intd(msgid).unlink()  # todo's other name: unlink it before reuse
+        for path in (self.root.todo(msgid), self.root.bounce(msgid), self.root.state(msgid)):
+            self._retire(path)
+        with contextlib.suppress(FileNotFoundError):
+            self.root.hold(msgid).unlink()
+        if reuse_mess:
+            self._retire(self.root.mess(msgid))
+        else:
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+                self.root.mess(msgid).unlink()
 
     # -- hold and state (ours) ---------------------------------------------
 
@@ -497,51 +672,77 @@ class Queue:
         return messages, len(os.listdir(self.dir / "todo"))
 
     def cleanup_orphans(self, now: float, min_age: float = 0.0) -> list[Path]:
-        """Remove what a crash left behind (S2/S3, stray pid/ files), never a
-        message that is queued or still being written; return what was removed."""
+        """Remove what a crash left behind, never a message that is queued or still
+        being written; return what was removed.
+
+        Safe beside live writers: the candidates are listed first, the live
+        writers second (a writer names itself in pid/ before it makes any other
+        file, and keeps that name until its message is committed), and each
+        candidate is checked again just before it goes.
+        """
         removed: list[Path] = []
+        candidates = {kind: self._ids_in(kind) for kind in ("todo", "intd", *_OWN_FILES)}
+        for kind in ("mess", "info", *CHANNELS):
+            candidates[kind] = self._split_ids(kind)
+        writing: set[int] = set()  # ids that live writers are queueing: pid/PID.TIME.ID
         for name in os.listdir(self.dir / "pid"):
-            path = self.dir / "pid" / name
-            owner = name.split(".", 1)[0]
-            if owner.isdigit() and _alive(int(owner)):
+            parts = name.split(".")  # PID.TIME.ID, or PID.TIME.ID.info
+            if parts[0].isdigit() and _alive(int(parts[0])):
+                if len(parts) > 2 and parts[2].isdigit():
+                    writing.add(int(parts[2]))
                 continue
-            if self._unlink_unlocked(path, now, min_age):
+            if self._unlink_unlocked(self.dir / "pid" / name, now, min_age):
+                removed.append(self.dir / "pid" / name)
+
+        def gone(path: Path) -> None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
                 removed.append(path)
-        info = set(self._info_files())
-        todo = set(self.todo_ids())
-        for i in range(SPLIT):
-            for name in os.listdir(self.dir / "mess" / str(i)):
-                if not name.isdigit():
-                    continue
-                msgid = int(name)
-                if msgid in info or msgid in todo:
-                    continue
+
+        def has(kind: str, msgid: int) -> bool:
+            return self._path(kind, msgid).exists()
+
+        # todo/N or info/N without mess: the crash kept the commit's link but not
+        # the mess link made just before it. Never acknowledged.
+        for kind in ("todo", "info"):
+            for msgid in candidates[kind] - writing:
+                if not has("mess", msgid):
+                    gone(self._path(kind, msgid))
+                    if kind == "todo":
+                        gone(self.root.intd(msgid))
+        # mess/N of no message: a writer died before its commit.
+        for msgid in candidates["mess"] - writing:
+            if not has("info", msgid) and not has("todo", msgid):
                 path = self.root.mess(msgid)
                 if self._unlink_unlocked(path, now, min_age, recheck=msgid):
                     removed.append(path)
-                    intd = self.root.intd(msgid)
-                    with contextlib.suppress(FileNotFoundError):
-                        intd.unlink()
-                        removed.append(intd)
-        for kind in ("intd", "hold", "state", "bounce"):
-            for name in os.listdir(self.dir / kind):
-                if name.isdigit() and not self.root.mess(int(name)).exists():
-                    path = self.dir / kind / name
-                    if kind != "intd" or self._old(path, now, min_age):
-                        with contextlib.suppress(FileNotFoundError):
-                            path.unlink()
-                            removed.append(path)
-        # remove_message unlinks info first: a crash right after leaves these.
-        # Only preprocessing writes them, and only for a message in mess/.
+                    gone(self.root.intd(msgid))
+        # Channel files of no message: remove_message retires info first, and
+        # enqueue_routed writes them before info exists.
         for channel in CHANNELS:
-            for i in range(SPLIT):
-                for name in os.listdir(self.dir / channel / str(i)):
-                    if name.isdigit() and not self.root.mess(int(name)).exists():
-                        path = self.root.channel(channel, int(name))
-                        with contextlib.suppress(FileNotFoundError):
-                            path.unlink()
-                            removed.append(path)
+            for msgid in candidates[channel] - writing:
+                if not has("todo", msgid) and not (has("info", msgid) and has("mess", msgid)):
+                    gone(self.root.channel(channel, msgid))
+        for kind in ("intd", *_OWN_FILES):
+            for msgid in candidates[kind] - writing:
+                if not has("mess", msgid) and self._old(self._path(kind, msgid), now, min_age):
+                    gone(self._path(kind, msgid))
         return removed
+
+    def _path(self, kind: str, msgid: int) -> Path:
+        if kind in ("mess", "info", *CHANNELS):
+            return self.root.split(kind, msgid)
+        return self.dir / kind / str(msgid)
+
+    def _ids_in(self, kind: str) -> set[int]:
+        return {int(n) for n in os.listdir(self.dir / kind) if n.isdigit()}
+
+    def _split_ids(self, kind: str) -> set[int]:
+        ids: set[int] = set()
+        for i in range(SPLIT):
+            with contextlib.suppress(FileNotFoundError):
+                ids.update(int(n) for n in os.listdir(self.dir / kind / str(i)) if n.isdigit())
+        return ids
 
     def _old(self, path: Path, now: float, min_age: float) -> bool:
         try:

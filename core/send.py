@@ -29,7 +29,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from core import bounce as bounces
 from core import retry
@@ -157,7 +157,7 @@ class Send:
         clock: Clock,
         log: Log,
         events: Events | None = None,
-        local: LocalDeliverer,
+        local: LocalDeliverer | Deliverer,
         remote: Deliverer = _no_remote,
         executor: ThreadPoolExecutor | None = None,
     ) -> None:
@@ -167,6 +167,7 @@ class Send:
         self.log = log
         self.events = events or Events()
         self.local = local
+        self._local_is_async = asyncio.iscoroutinefunction(local)
         self.remote = remote
         self.executor = executor or ThreadPoolExecutor(64, thread_name_prefix="queue")
         self.messages: dict[int, Message] = {}
@@ -234,8 +235,15 @@ class Send:
 
     # -- loading ------------------------------------------------------------
 
-    async def load(self) -> None:
-        """Rebuild the schedule from info/ (send.md §4.2), then note todo/."""
+    async def load(self, cleanup: bool = False) -> None:
+        """Rebuild the schedule from info/ (send.md §4.2), then note todo/; with
+        `cleanup`, first remove what a crash left behind (a starting core)."""
+        if cleanup:
+            removed = await self.io(self.queue.cleanup_orphans, self.clock.now())
+            for path in removed:
+                self.log.line(
+                    f"warning: removed {path.relative_to(self.queue.dir)} left by a crash"
+                )
         ids = await self.io(self.queue.info_ids)
         held = await self.io(self.queue.held_ids)
         for msgid in ids:
@@ -320,10 +328,7 @@ class Send:
 
     async def run(self, stopping: asyncio.Event) -> None:
         if not self.loaded.is_set():
-            await self.load()
-        removed = await self.io(self.queue.cleanup_orphans, self.clock.now())
-        for path in removed:
-            self.log.line(f"warning: removed {path.relative_to(self.queue.dir)} left by a crash")
+            await self.load(cleanup=True)
         self._log_status()
         for message in list(self.messages.values()):
             if not message.preprocessed:
@@ -393,20 +398,57 @@ class Send:
     async def enqueue(
         self, message: bytes, sender: str, recipients: list[str], *, invoked: str
     ) -> int:
-        """Queue a message durably (the SMTP receiver's 250) and start on it at once."""
-        msgid = await self.io(
-            lambda: self.queue.enqueue(
+        """Queue a message durably (the SMTP receiver's 250) and start on it at once.
+
+        The core preprocesses what it queues itself, in the same worker-thread
+        hop, so such a message never waits in todo/.
+        """
+        now = self.clock.now()
+        config = self.config()
+        split: dict[str, list[str]] = {c: [] for c in CHANNELS}
+        for rcpt in recipients:
+            routed = route(config, rcpt)
+            split[routed.channel].append(routed.address)
+        uid, pid = os.getuid(), os.getpid()
+
+        def write() -> tuple[int, int]:
+            msgid = self.queue.enqueue_routed(
                 message,
                 sender,
-                recipients,
-                uid=os.getuid(),
-                pid=os.getpid(),
+                split["local"],
+                split["remote"],
+                uid=uid,
+                pid=pid,
                 invoked=invoked,
-                now=self.clock.now(),
+                now=now,
             )
-        )
-        self._new_todo(msgid)
+            return msgid, self.queue.message_size(msgid)
+
+        msgid, size = await self.io(write)
+        message_ = Message(msgid, sender, now, size, uid, pid)
+        for channel in CHANNELS:
+            offset = 0
+            for address in split[channel]:
+                message_.recipients.append(Recipient(channel, address, offset))
+                offset += len(address.encode("utf-8", "surrogateescape")) + 2
+        self._accepted(message_, now)
         return msgid
+
+    def _accepted(self, message: Message, now: float) -> None:
+        """A message is preprocessed: log it as qmail-send does and schedule it."""
+        self.log.line(f"new msg {message.id}")
+        self.log.line(
+            f"info msg {message.id}: bytes {message.size} from <{safe(message.sender)}>"
+            f" qp {message.qp} uid {message.uid}"
+        )
+        self.messages[message.id] = message
+        self.events.publish("queued", id=message.id, sender=message.sender, size=message.size)
+        if not message.recipients:
+            self._spawn(self._finish(message))
+            return
+        for channel in message.channels():
+            self._schedule(message, channel, now)
+        self.wake()
 
     def _new_todo(self, msgid: int) -> None:
         """Preprocess a message we queued ourselves, without waiting for a todo/ scan."""
@@ -438,18 +480,7 @@ class Send:
         except (OSError, ValueError) as e:
             self.log.line(f"warning: trouble preprocessing todo/{msgid}: {e}")
             return
-        self.log.line(f"new msg {msgid}")
-        self.log.line(
-            f"info msg {msgid}: bytes {message.size} from <{safe(message.sender)}>"
-            f" qp {message.qp} uid {message.uid}"
-        )
-        self.messages[msgid] = message
-        self.events.publish("queued", id=msgid, sender=message.sender, size=message.size)
-        if not message.recipients:
-            await self._finish(message)
-            return
-        for channel in message.channels():
-            self._schedule(message, channel, now)
+        self._accepted(message, now)
 
     def _preprocess_sync(self, msgid: int, now: float, config: Config) -> Message:
         """todo/N -> info and channel files (one worker-thread hop)."""
@@ -524,17 +555,18 @@ class Send:
                 recipient=recipient.address,
             )
             now = self.clock.now()
-            if channel == "local":
+            if channel == "local" and not self._local_is_async:
                 status, text = await self.io(self._deliver_local_sync, job, now)
-                forwarded = FORWARDED.search(text) if status == "K" else None
-                if forwarded:
-                    self._new_todo(int(forwarded.group(1)))
             else:
+                deliverer = cast(Deliverer, self.local) if channel == "local" else self.remote
                 try:
-                    result = await self.remote(recipient.address, message.sender, message.id, now)
+                    result = await deliverer(recipient.address, message.sender, message.id, now)
                 except Exception as e:  # a bug in a deliverer must not lose the message
                     result = Result("Z", f"Internal error in delivery: {e!r} (#4.3.0)\n")
                 status, text = await self.io(self._record_sync, job, result)
+            forwarded = FORWARDED.search(text) if channel == "local" and status == "K" else None
+            if forwarded:
+                self._new_todo(int(forwarded.group(1)))
             self._recorded(number, job, status, text)
         finally:
             self.active[channel] -= 1
@@ -548,8 +580,9 @@ class Send:
     def _deliver_local_sync(self, job: Job, now: float) -> tuple[str, str]:
         """Deliver and record the result in the same worker-thread hop."""
         message, recipient = job.message, job.recipient
+        deliver = cast(LocalDeliverer, self.local)
         try:
-            result = self.local(recipient.address, message.sender, message.id, now)
+            result = deliver(recipient.address, message.sender, message.id, now)
         except Exception as e:  # a bug in local delivery must not lose the message
             result = Result("Z", f"Internal error in delivery: {e!r} (#4.3.0)\n")
         return self._record_sync(job, result)
@@ -571,11 +604,18 @@ class Send:
             return "?", text
         if message.removed:
             return status, text
-        if status == "D":
-            address = unvirtual(self.config(), recipient.address)
-            self.queue.append_bounce(message.id, address, text)
-        if status in ("K", "D"):
-            self.queue.mark_done(recipient.channel, message.id, recipient.offset)
+        try:
+            if status == "D":
+                address = unvirtual(self.config(), recipient.address)
+                self.queue.append_bounce(message.id, address, text)
+            if status in ("K", "D"):
+                self.queue.mark_done(recipient.channel, message.id, recipient.offset)
+        except OSError as e:
+            # qmail-send's words: the record stays T, so the recipient is tried again.
+            path = f"{recipient.channel}/{message.id}"
+            self.log.line(f"warning: trouble marking {path}; message will be delivered twice!")
+            self.log.line(f"warning: {path}: {e.strerror or e}")
+            return "Z", text
         return status, text
 
     def _recorded(self, number: int, job: Job, status: str, text: str) -> None:
@@ -697,7 +737,7 @@ class Send:
                     now=self.clock.now(),
                 )
             self.queue.remove_bounce(message.id)
-        self.queue.remove_message(message.id)
+        self.queue.remove_message(message.id, reuse_mess=True)  # every delivery has ended
         return outcome
 
     def _retry_finish_later(self, message: Message) -> None:
@@ -813,7 +853,8 @@ class Send:
             self.jobs[channel] = collections.deque(
                 j for j in self.jobs[channel] if j.message is not message
             )
-        await self.io(self.queue.remove_message, message.id)
+        reading = any(r.busy for r in message.recipients)  # a delivery may hold it open
+        await self.io(self.queue.remove_message, message.id, not reading)
         self.log.line(f"info msg {message.id}: deleted by the postmaster")
         self.log.line(f"end msg {message.id}")
         self.events.publish("removed", id=message.id)

@@ -115,7 +115,10 @@ class Service:
             raise ServiceError("not-found", f"no message {msgid} in the queue")
         config = self.config()
         lines = await self.send.io(read_lines, self.root.log, None, 200_000)
-        data = await self.send.io(self._read_message, msgid)
+        try:
+            data = await self.send.io(self._read_message, msgid)
+        except FileNotFoundError:
+            raise ServiceError("not-found", f"message {msgid} left the queue meanwhile") from None
         bounce = await self.send.io(self.send.queue.read_bounce, msgid)
         return {
             "message": admin.message_json(message, config),
@@ -126,8 +129,7 @@ class Service:
         }
 
     def _read_message(self, msgid: int) -> str:
-        with open(self.root.mess(msgid), "rb") as f:
-            data = f.read(SHOW_MAX + 1)
+        data = self.send.queue.read_message(msgid, SHOW_MAX + 1)
         text = data[:SHOW_MAX].decode("utf-8", "replace")
         if len(data) > SHOW_MAX:
             text += f"\n[... cut at {SHOW_MAX} bytes ...]\n"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import core.durable
 import core.queue
 from core.paths import QmailRoot
 
@@ -18,7 +19,7 @@ from core.paths import QmailRoot
 DEAD_PID = 4_194_305
 
 # The calls through which queue.py changes the disk.
-CRASH_POINTS = frozenset({"open", "write", "pwrite", "fsync", "link", "unlink", "utime"})
+CRASH_POINTS = frozenset({"open", "write", "pwrite", "fsync", "link", "unlink", "utime", "rename"})
 
 
 class Crash(BaseException):
@@ -46,7 +47,8 @@ class _Os:
 
 @contextlib.contextmanager
 def failing(call: str, code: int, nth: int = 1) -> Iterator[None]:
-    """The `nth` call of os.`call` made by core.queue fails with errno `code`."""
+    """The `nth` call of os.`call` made by core.queue (or the fsyncs it asks of
+    core.durable) fails with errno `code`."""
     seen = 0
 
     def before(name: str, args: tuple[Any, ...]) -> None:
@@ -56,7 +58,8 @@ def failing(call: str, code: int, nth: int = 1) -> Iterator[None]:
             if seen == nth:
                 raise OSError(code, os.strerror(code))
 
-    with mock.patch.object(core.queue, "os", _Os(before)):
+    faulty = _Os(before)
+    with mock.patch.object(core.queue, "os", faulty), mock.patch.object(core.durable, "os", faulty):
         yield
 
 
@@ -77,17 +80,22 @@ def crash_after(calls: int) -> Iterator[None]:
         tick()
         real_unlink(self, missing_ok)
 
+    dying = _Os(lambda name, args: tick())
     with (
-        mock.patch.object(core.queue, "os", _Os(lambda name, args: tick())),
+        mock.patch.object(core.queue, "os", dying),
+        mock.patch.object(core.durable, "os", dying),
         mock.patch.object(Path, "unlink", unlink),
     ):
         yield
 
 
 def queue_files(root: QmailRoot) -> dict[str, bytes]:
-    """Every regular file under queue/ (relative path -> content); the FIFO is not one."""
+    """Every regular file under queue/ (relative path -> content); the FIFO is not
+    one, and neither are spare/ files, kept only to be written over."""
     found: dict[str, bytes] = {}
     for directory, _, names in os.walk(root.queue):
+        if Path(directory) == root.queue / "spare":
+            continue
         for name in names:
             path = Path(directory) / name
             if stat.S_ISREG(path.lstat().st_mode):

@@ -1,0 +1,146 @@
+"""Making writes durable: fsync each file, or one group commit for many writers.
+
+Every promise the core makes (inject's exit 0, SMTP's 250, a Maildir
+delivery) waits on `Durability.sync(files, dirs)`: when it returns, those
+files and directory entries survive a crash.
+
+- `FsyncEach` fsyncs exactly what it is given: right for one writer, such as
+  `qmailtui inject`, which must not flush the rest of the file system.
+- `GroupCommit` is the running core's: threads that need a sync at the same
+  time share one `syncfs(2)` of the file system holding their files. On the
+  machines we measured (ext4 without a journal) a file with write + fsync +
+  rename + directory fsync cost ~400 us of CPU with ten writers; batches under
+  one syncfs cost ~60 us a file. A writer whose sync is asked for while
+  another is running waits for the next one, which starts after its writes:
+  nobody is told "durable" by a sync that began before its write.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+
+class Durability(Protocol):
+    def sync(self, files: Sequence[Path], dirs: Sequence[Path]) -> None: ...
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FsyncEach:
+    def sync(self, files: Sequence[Path], dirs: Sequence[Path]) -> None:
+        for path in files:
+            fsync_path(path)
+        for path in dict.fromkeys(dirs):
+            fsync_path(path)
+
+
+SyncFs = Callable[[int], int]
+
+
+def _load_syncfs() -> SyncFs | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name, use_errno=True)
+        func = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int]
+    func.restype = ctypes.c_int
+    syncfs: SyncFs = func
+    return syncfs
+
+
+class _Device:
+    """Leader/follower state for one file system."""
+
+    def __init__(self, anchor: Path) -> None:
+        self.fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY)
+        self.cond = threading.Condition()
+        self.started = 0  # generations of syncfs begun
+        self.finished = 0  # generations completed
+        self.running = False
+        self.error: OSError | None = None
+
+
+class GroupCommit:
+    def __init__(self) -> None:
+        self._syncfs = _load_syncfs()
+        self._fallback = FsyncEach()
+        self._devices: dict[int, _Device] = {}
+        self._lock = threading.Lock()
+        self.syncs = 0  # how many syncfs calls were made (for the benchmark)
+
+    @property
+    def is_grouped(self) -> bool:
+        return self._syncfs is not None
+
+    def _device(self, anchor: Path) -> _Device:
+        dev = os.stat(anchor).st_dev
+        with self._lock:
+            device = self._devices.get(dev)
+            if device is None:
+                device = self._devices[dev] = _Device(anchor)
+            return device
+
+    def sync(self, files: Sequence[Path], dirs: Sequence[Path]) -> None:
+        if self._syncfs is None:
+            self._fallback.sync(files, dirs)
+            return
+        anchors = list(dict.fromkeys(dirs or [p.parent for p in files]))
+        for anchor in dict.fromkeys(self._device(a) for a in anchors):
+            self._sync_device(anchor)
+
+    def _sync_device(self, device: _Device) -> None:
+        with device.cond:
+            # Our writes are done: any syncfs that *starts* from now on covers them.
+            wanted = device.started + 1
+            while device.finished < wanted:
+                if not device.running:
+                    device.running = True
+                    device.started += 1
+                    generation = device.started
+                    device.cond.release()
+                    try:
+                        error = self._run(device)
+                    finally:
+                        device.cond.acquire()
+                    device.running = False
+                    device.finished = generation
+                    device.error = error
+                    device.cond.notify_all()
+                    if error is not None:
+                        raise error
+                    if generation >= wanted:
+                        return
+                else:
+                    device.cond.wait()
+            if device.error is not None:
+                raise device.error
+
+    def _run(self, device: _Device) -> OSError | None:
+        assert self._syncfs is not None
+        self.syncs += 1
+        if self._syncfs(device.fd) != 0:
+            err = ctypes.get_errno()
+            return OSError(err, os.strerror(err))
+        return None
+
+    def close(self) -> None:
+        with self._lock:
+            for device in self._devices.values():
+                os.close(device.fd)
+            self._devices.clear()

@@ -1,0 +1,99 @@
+"""Local deliveries in their own process (qmail-lspawn), driven by the real child."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from core.lspawn import CRASHED, LocalSpawner
+from core.paths import QmailRoot
+from core.queue import Queue
+from tests.e2e.conftest import make_user
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def queued(root: QmailRoot, rcpt: str) -> int:
+    return Queue(root).enqueue_routed(
+        b"Subject: s\n\nbody\n", "a@b.test", [rcpt], [], uid=0, pid=1, invoked="x", now=time.time()
+    )
+
+
+async def test_the_child_delivers_and_reports_like_qmail_local(root: QmailRoot) -> None:
+    home = make_user(root, "alice")
+    lost: list[str] = []
+    spawner = LocalSpawner(root, lost.append)
+    try:
+        ok = await spawner.deliver("alice@mx.example.org", "a@b.test", queued(root, "x"), 0.0)
+        nobody = await spawner.deliver("nobody@mx.example.org", "a@b.test", queued(root, "y"), 0.0)
+    finally:
+        await spawner.close()
+    assert (ok.status, ok.text) == ("K", "did 1+0+0\n")
+    assert (nobody.status, nobody.text) == ("D", "Sorry, no mailbox here by that name. (#5.1.1)\n")
+    assert len(list((home / "Maildir/new").iterdir())) == 1
+    assert lost == []
+
+
+async def test_many_deliveries_at_once_each_get_their_own_answer(root: QmailRoot) -> None:
+    make_user(root, "bob")
+    spawner = LocalSpawner(root, lambda why: None)
+    try:
+        ids = [queued(root, "x") for _ in range(30)]
+        rcpts = ["bob@mx.example.org" if i % 2 else "nobody@mx.example.org" for i in range(30)]
+        results = await asyncio.gather(
+            *(spawner.deliver(r, "a@b.test", i, 0.0) for r, i in zip(rcpts, ids, strict=True))
+        )
+    finally:
+        await spawner.close()
+    assert [r.status for r in results] == ["K" if i % 2 else "D" for i in range(30)]
+
+
+async def test_a_child_that_dies_defers_what_it_held_and_a_new_one_takes_over(
+    root: QmailRoot,
+) -> None:
+    home = make_user(root, "carol")
+    lost: list[str] = []
+    spawner = LocalSpawner(root, lost.append)
+    try:
+        await spawner.start()
+        assert spawner._proc is not None
+        os.kill(spawner._proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not lost:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        assert "lspawn exited with status -9" in lost[0]
+        after = await spawner.deliver("carol@mx.example.org", "a@b.test", queued(root, "x"), 0.0)
+    finally:
+        await spawner.close()
+    assert after.status == "K"
+    assert len(list((home / "Maildir/new").iterdir())) == 1
+    assert CRASHED.status == "Z"  # what the deliveries in flight were told
+
+
+async def test_a_delivery_in_flight_when_the_child_dies_is_deferred(root: QmailRoot) -> None:
+    import fcntl
+
+    home = make_user(root, "dave")
+    (home / ".qmail").write_text("./Mailbox\n")
+    mbox = os.open(home / "Mailbox", os.O_WRONLY | os.O_CREAT, 0o600)
+    fcntl.flock(mbox, fcntl.LOCK_EX)  # the delivery waits for this lock
+    spawner = LocalSpawner(root, lambda why: None)
+    try:
+        task = asyncio.ensure_future(
+            spawner.deliver("dave@mx.example.org", "a@b.test", queued(root, "x"), 0.0)
+        )
+        await asyncio.sleep(0.5)
+        assert not task.done()
+        assert spawner._proc is not None
+        os.kill(spawner._proc.pid, signal.SIGKILL)
+        result = await asyncio.wait_for(task, 10)
+    finally:
+        os.close(mbox)
+        await spawner.close()
+    assert result == CRASHED
+    assert (home / "Mailbox").read_bytes() == b""  # nothing half-written
