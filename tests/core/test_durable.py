@@ -1,0 +1,89 @@
+"""Group commit: one syncfs for many writers, never one that began too early."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from core.durable import FsyncEach, GroupCommit
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class SlowSync:
+    """A syncfs that each call records and that waits until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+        self.release = threading.Event()
+        self.started = threading.Event()
+
+    def __call__(self, fd: int) -> int:
+        self.calls.append(time.monotonic())
+        self.started.set()
+        self.release.wait(10)
+        return 0
+
+
+def test_a_writer_arriving_during_a_sync_waits_for_the_next_one(tmp_path: Path) -> None:
+    gc = GroupCommit()
+    fake = SlowSync()
+    gc._syncfs = fake
+    done: dict[str, float] = {}
+
+    def writer(name: str) -> None:
+        gc.sync([], [tmp_path])
+        done[name] = time.monotonic()
+
+    first = threading.Thread(target=writer, args=("first",))
+    first.start()
+    assert fake.started.wait(5)
+    second = threading.Thread(target=writer, args=("second",))
+    second.start()
+    time.sleep(0.1)
+    fake.release.set()
+    first.join(5)
+    second.join(5)
+    gc.close()
+    assert len(fake.calls) == 2  # the second writer's data may postdate the first sync
+    assert done["second"] > fake.calls[1]
+
+
+def test_writers_waiting_together_share_one_sync(tmp_path: Path) -> None:
+    gc = GroupCommit()
+    fake = SlowSync()
+    gc._syncfs = fake
+    blocker = threading.Thread(target=gc.sync, args=([], [tmp_path]))
+    blocker.start()
+    assert fake.started.wait(5)
+    waiters = [threading.Thread(target=gc.sync, args=([], [tmp_path])) for _ in range(10)]
+    for t in waiters:
+        t.start()
+    time.sleep(0.2)
+    fake.release.set()
+    for t in [blocker, *waiters]:
+        t.join(5)
+    gc.close()
+    assert len(fake.calls) == 2  # one for the first writer, one for the ten that queued
+
+
+def test_a_failed_sync_is_an_error_for_its_writers(tmp_path: Path) -> None:
+    gc = GroupCommit()
+    gc._syncfs = lambda fd: -1
+    with pytest.raises(OSError):
+        gc.sync([], [tmp_path])
+    gc.close()
+
+
+def test_the_real_syncfs_and_fsync_each_run(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+    gc = GroupCommit()
+    assert gc.is_grouped
+    gc.sync([f], [tmp_path])
+    assert gc.syncs == 1
+    gc.close()
+    FsyncEach().sync([f], [tmp_path])
