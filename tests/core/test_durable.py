@@ -71,11 +71,19 @@ def test_writers_waiting_together_share_one_sync(tmp_path: Path) -> None:
 
 
 def test_a_failed_sync_is_an_error_for_its_writers(tmp_path: Path) -> None:
+    import ctypes
+    import errno
+
+    def failing(fd: int) -> int:
+        ctypes.set_errno(errno.EIO)
+        return -1
+
     gc = GroupCommit()
-    gc._syncfs = lambda fd: -1
-    with pytest.raises(OSError):
+    gc._syncfs = failing
+    with pytest.raises(OSError) as caught:
         gc.sync([], [tmp_path])
     gc.close()
+    assert caught.value.errno == errno.EIO
 
 
 def test_the_real_syncfs_and_fsync_each_run(tmp_path: Path) -> None:
