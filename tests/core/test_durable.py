@@ -80,7 +80,7 @@ def test_a_failed_sync_is_an_error_for_its_writers(tmp_path: Path) -> None:
 
     gc = GroupCommit()
     gc._syncfs = failing
-    with pytest.raises(OSError) as caught:
+    with pytest.raises(OSError, match="Input/output error") as caught:
         gc.sync([], [tmp_path])
     gc.close()
     assert caught.value.errno == errno.EIO
