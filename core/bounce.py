@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core.quote import quote, quote2
 from core.timefmt import date822
-
-# RFC 821/822 characters quote.c lets through unquoted (its ok[] table).
-_OK = frozenset(chr(c) for c in range(33, 127) if chr(c) not in '"(),:;<>@[\\]')
 
 SINGLE = (
     "I'm afraid I wasn't able to deliver your message to the following addresses.\n"
@@ -15,31 +13,6 @@ SINGLE = (
 )
 DOUBLE = "I tried to deliver a bounce message to this address, but the bounce bounced!\n\n"
 TRUNCATED = "--- The rest of the message ({} bytes) was not included.\n"
-
-
-def quote(box: str) -> str:
-    """qmail's quote(): quote a local part only when RFC 821 needs it."""
-    needs = (
-        not box
-        or any(ch not in _OK for ch in box)
-        or box.startswith(".")
-        or box.endswith(".")
-        or ".." in box
-    )
-    if not needs:
-        return box
-    escaped = "".join("\\" + ch if ch in '\r\n"\\' else ch for ch in box)
-    return f'"{escaped}"'
-
-
-def quote2(address: str) -> str:
-    """quote() the part before the last '@' and keep the domain as it is."""
-    if not address:
-        return address
-    box, at, domain = address.rpartition("@")
-    if not at:
-        return quote(address)
-    return quote(box) + "@" + domain
 
 
 def strip_verp(sender: str) -> str:

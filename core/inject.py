@@ -39,6 +39,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from core.quote import need as need_quotes
+from core.quote import quote2
 from core.timefmt import date822
 
 __all__ = [
@@ -68,10 +70,6 @@ _COMMA: Token = (COMMA, "")
 _DELIMITERS = {QUOTE: ('"', '"'), LITERAL: ("[", "]"), COMMENT: ("(", ")")}
 
 # quote.c's table: bytes allowed unquoted in a local part (besides the dot rules).
-_QUOTE_OK = frozenset(
-    "!#$%&'*+-./0123456789=?ABCDEFGHIJKLMNOPQRSTUVWXYZ^_`abcdefghijklmnopqrstuvwxyz{|}~"
-)
-
 # hfield.c: the fields qmail-inject knows, by lower-case name.
 _RECIPIENT_FIELDS = frozenset({"to", "cc", "bcc", "apparently-to"})
 _RESENT_RECIPIENT_FIELDS = frozenset({"resent-to", "resent-cc", "resent-bcc"})
@@ -411,42 +409,14 @@ def _addrlist(tokens: list[Token], rewrite: Rewrite) -> list[Token] | None:
     return out
 
 
-# --- quote.c ----------------------------------------------------------------------
-
-
-def _quote_need(text: str) -> bool:
-    if not text:
-        return True
-    if any(ch not in _QUOTE_OK for ch in text):
-        return True
-    return text[0] == "." or text[-1] == "." or ".." in text
-
-
-def _quote(text: str) -> str:
-    if not _quote_need(text):
-        return text
-    escaped = "".join("\\" + ch if ch in '\r\n"\\' else ch for ch in text)
-    return f'"{escaped}"'
-
-
-def _quote2(text: str) -> str:
-    """quote2(): quote the part before the last `@` as RFC 821/822 need."""
-    if not text:
-        return text
-    at = text.rfind("@")
-    if at < 0:
-        return _quote(text)
-    return _quote(text[:at]) + text[at:]
-
-
 def quote_address(address: str) -> str:
     """An envelope address as qmail writes it in `Return-Path: <...>`."""
-    return _external(_quote2(_internal(address)))
+    return _external(quote2(_internal(address)))
 
 
 def return_path(sender: str) -> bytes:
     """The `Return-Path:` line `qmail-inject -n` prints before the message."""
-    return f"Return-Path: <{_quote2(_internal(sender))}>\n".encode("latin-1")
+    return f"Return-Path: <{quote2(_internal(sender))}>\n".encode("latin-1")
 
 
 # --- hfield.c ---------------------------------------------------------------------
@@ -639,7 +609,7 @@ class _Injection:
 
     def set_envelope_sender(self, value: str) -> None:
         """-f: quoted, rewritten, unquoted; wins over Return-Path and QMAILINJECT=r."""
-        quoted = _quote2(_internal(value))
+        quoted = quote2(_internal(value))
         tokens = _parse(quoted)
         if tokens is None:
             raise InjectError(f"unable to parse this line:\n{_external(quoted)}")
@@ -649,7 +619,7 @@ class _Injection:
 
     def argument_recipient(self, value: str) -> str:
         """dorecip(): any string is a local part; the part after the last @ must parse."""
-        tokens = _parse(_quote2(_internal(value)))
+        tokens = _parse(quote2(_internal(value)))
         if tokens is None:
             raise InjectError(f"unable to parse address: {value}")
         tokens.reverse()
@@ -694,7 +664,7 @@ class _Injection:
         named = self.fullname is not None and not self.name_comment
         if named:
             tokens += [(QUOTE, self.fullname or ""), (LEFT, "")]
-        tokens.append((QUOTE if _quote_need(self.mailuser) else ATOM, self.mailuser))
+        tokens.append((QUOTE if need_quotes(self.mailuser) else ATOM, self.mailuser))
         if self.mailhost is not None:
             tokens += [(AT, ""), (ATOM, self.mailhost)]
         if named:

@@ -23,6 +23,7 @@ from core.errors import UserError
 from core.maildir import MailboxError, deliver_maildir, deliver_mbox
 from core.paths import QmailRoot
 from core.queue import Queue, QueueError
+from core.quote import quote2
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +263,4 @@ def _has_line(message: Path, line: bytes) -> bool:
 
 
 def _quote_sender(sender: str) -> str:
-    from core.bounce import quote2
-
     return quote2(sender).replace("\n", "_")

@@ -167,6 +167,17 @@ class Record:
         self.done = done
 
 
+class _Draft:
+    """A message being queued: its id, its pid/ file, and every file made so far."""
+
+    __slots__ = ("made", "msgid", "temp")
+
+    def __init__(self, msgid: int, temp: Path) -> None:
+        self.msgid = msgid
+        self.temp = temp
+        self.made: list[Path] = []
+
+
 class Queue:
     """Synchronous, thread-safe operations on one root's queue/ directory.
 
@@ -271,49 +282,25 @@ class Queue:
         Raises QueueError with qmail-queue's wording. On a write error
         everything made so far is removed again: nothing half-written stays.
         """
-        check_address(sender)
-        for rcpt in recipients:
-            check_address(rcpt)
         envelope = encode_envelope(uid, pid, sender, recipients)
-        try:
-            msgid = self.new_id()
-        except OSError as e:
-            raise _queue_error(e) from e
-        made: list[Path] = []
-        fd = -1
-        try:
-            temp = self.dir / "pid" / f"{pid}.{int(now)}.{msgid}"
-            fd = self._open_new(temp)
-            made.append(temp)
-            # Held until we exit: cleanup_orphans never takes a file being written.
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            _write_all(fd, received_line(pid, invoked, now))
-            _write_all(fd, message)
-            intd = self.root.intd(msgid)
+        with self._writing(message, [sender, *recipients], pid, invoked, now) as draft:
+            intd = self.root.intd(draft.msgid)
             efd = self._open_new(intd)
-            made.append(intd)
+            draft.made.append(intd)
             try:
                 _write_all(efd, envelope)
             finally:
                 os.close(efd)
-            self.durable.sync([temp, intd], [])  # the contents, before any name for them
-            mess = self.root.mess(msgid)
-            os.link(temp, mess)
-            made.append(mess)
-            os.unlink(temp)
-            made.remove(temp)
-            os.link(intd, self.root.todo(msgid))  # S4: the commit point
-            made.append(self.root.todo(msgid))
+            self.durable.sync([draft.temp, intd], [])  # contents before any name for them
+            mess = self.root.mess(draft.msgid)
+            os.link(draft.temp, mess)
+            draft.made.append(mess)
+            os.unlink(draft.temp)
+            draft.made.remove(draft.temp)
+            os.link(intd, self.root.todo(draft.msgid))  # S4: the commit point
+            draft.made.append(self.root.todo(draft.msgid))
             self.durable.sync([], [mess.parent, self.dir / "todo"])
-        except QueueError:
-            self._undo(made)
-            raise
-        except OSError as e:
-            self._undo(made)
-            raise _queue_error(e) from e
-        finally:
-            if fd >= 0:
-                os.close(fd)
+        msgid = draft.msgid
         self.pull_trigger()
         return msgid
 
@@ -381,6 +368,38 @@ class Queue:
             if keep:
                 with self._spare_lock:
                     self._spare_count -= 1
+
+    @contextlib.contextmanager
+    def _writing(
+        self, message: bytes, addresses: list[str], pid: int, invoked: str, now: float
+    ) -> Iterator[_Draft]:
+        """A new message's id and its file in pid/, written (not yet durable) and
+        flocked; on any error, everything the block made is removed again."""
+        for address in addresses:
+            check_address(address)
+        try:
+            msgid = self.new_id()
+        except OSError as e:
+            raise _queue_error(e) from e
+        draft = _Draft(msgid, self.dir / "pid" / f"{pid}.{int(now)}.{msgid}")
+        fd = -1
+        try:
+            fd = self._open_new(draft.temp)
+            draft.made.append(draft.temp)
+            # Held until we are done: cleanup_orphans never takes a file being written.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _write_all(fd, received_line(pid, invoked, now))
+            _write_all(fd, message)
+            yield draft
+        except QueueError:
+            self._undo(draft.made)
+            raise
+        except OSError as e:
+            self._undo(draft.made)
+            raise _queue_error(e) from e
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     def _undo(self, made: list[Path]) -> None:
         for path in reversed(made):
@@ -486,53 +505,30 @@ class Queue:
         cleanup_orphans removes it, as it removes mess or channel files without
         info.
         """
-        check_address(sender)
-        for rcpt in (*local, *remote):
-            check_address(rcpt)
-        try:
-            msgid = self.new_id()
-        except OSError as e:
-            raise _queue_error(e) from e
-        made: list[Path] = []
-        fd = -1
-        try:
-            temp = self.dir / "pid" / f"{pid}.{int(now)}.{msgid}"
-            fd = self._open_new(temp)
-            made.append(temp)
-            fcntl.flock(fd, fcntl.LOCK_EX)  # see enqueue()
-            _write_all(fd, received_line(pid, invoked, now))
-            _write_all(fd, message)
+        with self._writing(message, [sender, *local, *remote], pid, invoked, now) as draft:
+            msgid = draft.msgid
             channels = []
             for channel, rcpts in zip(CHANNELS, (local, remote), strict=True):
                 if rcpts:
                     path = self.root.channel(channel, msgid)
-                    made.append(path)
+                    draft.made.append(path)
                     channels.append(
                         self._write_new(path, b"".join(b"T" + _b(r) + b"\0" for r in rcpts))
                     )
             info_temp = self.dir / "pid" / f"{pid}.{int(now)}.{msgid}.info"
-            made.append(info_temp)
+            draft.made.append(info_temp)
             self._write_new(info_temp, b"F" + _b(sender) + b"\0")
             os.utime(info_temp, (now, now))  # info's mtime is the birth time
-            self.durable.sync([temp, *channels, info_temp], [p.parent for p in channels])
+            self.durable.sync([draft.temp, *channels, info_temp], [p.parent for p in channels])
             mess, info = self.root.mess(msgid), self.root.info(msgid)
-            os.link(temp, mess)
-            made.append(mess)
+            os.link(draft.temp, mess)
+            draft.made.append(mess)
             os.link(info_temp, info)  # S5: the commit point
-            made.append(info)
+            draft.made.append(info)
             self.durable.sync([], [mess.parent, info.parent])
-            for path in (temp, info_temp):
+            for path in (draft.temp, info_temp):
                 os.unlink(path)
-                made.remove(path)
-        except QueueError:
-            self._undo(made)
-            raise
-        except OSError as e:
-            self._undo(made)
-            raise _queue_error(e) from e
-        finally:
-            if fd >= 0:
-                os.close(fd)
+                draft.made.remove(path)
         return msgid
 
     # -- preprocessing (qmail-send, S4 -> S5) ------------------------------

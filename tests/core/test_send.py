@@ -7,33 +7,20 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-from core import control, local, retry, users
+from core import control, local, retry
 from core.events import Events
 from core.local import Result
 from core.log import Log
 from core.paths import QmailRoot
 from core.queue import Queue
 from core.send import Send
-from core.setup import maildirmake
+from tests.e2e.conftest import make_user
 from tests.fakes import FakeClock
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def add_user(root: QmailRoot, name: str, *, maildir: bool = True) -> Path:
-    home = root.path.parent / "home" / name
-    home.mkdir(parents=True, mode=0o700)
-    if maildir:
-        maildirmake(home / "Maildir")
-    lines = root.assign.read_text().splitlines()[:-1]
-    lines.append(f"={name}:{name}:{os.getuid() or 65534}:{os.getgid()}:{home}:::")
-    root.assign.write_text("\n".join(lines) + "\n.\n")
-    assert not any(p.is_error for p in users.newu(root))
-    return home
 
 
 class Harness:
@@ -112,7 +99,7 @@ async def harness(root: QmailRoot) -> AsyncIterator[Harness]:
 async def test_message_for_an_assigned_user_lands_in_maildir_and_is_removed(
     harness: Harness, root: QmailRoot
 ) -> None:
-    home = add_user(root, "alice")
+    home = make_user(root, "alice")
     msgid = await harness.inject(
         b"Subject: hi\n\nhello\n", "bob@example.com", ["alice@mx.example.org"]
     )
@@ -144,7 +131,7 @@ async def test_message_for_an_assigned_user_lands_in_maildir_and_is_removed(
 async def test_unknown_local_user_bounces_to_sender_with_qmail_text(
     harness: Harness, root: QmailRoot
 ) -> None:
-    sender_home = add_user(root, "carol")
+    sender_home = make_user(root, "carol")
     msgid = await harness.inject(
         b"Subject: x\n\nbody\n", "carol@mx.example.org", ["nobody@mx.example.org"]
     )
@@ -188,8 +175,8 @@ async def test_a_bounce_that_bounces_goes_to_postmaster_and_a_triple_is_discarde
 async def test_deferral_follows_qmail_retry_schedule_then_bounces_past_lifetime(
     harness: Harness, root: QmailRoot
 ) -> None:
-    home = add_user(root, "dave", maildir=False)  # no Maildir: qmail-local defers
-    add_user(root, "erin")
+    home = make_user(root, "dave", maildir=False)  # no Maildir: qmail-local defers
+    make_user(root, "erin")
     msgid = await harness.inject(b"Subject: z\n\n", "erin@mx.example.org", ["dave@mx.example.org"])
     birth = harness.clock.now()
     await harness.wait_for(
@@ -260,7 +247,7 @@ async def test_concurrencylocal_bounds_parallel_deliveries(root: QmailRoot) -> N
 async def test_held_message_stays_held_through_retry_all_until_released(
     harness: Harness, root: QmailRoot
 ) -> None:
-    add_user(root, "frank", maildir=False)
+    make_user(root, "frank", maildir=False)
     msgid = await harness.inject(b"Subject: h\n\n", "x@example.com", ["frank@mx.example.org"])
     await harness.wait_for(
         lambda: (
@@ -286,8 +273,8 @@ async def test_held_message_stays_held_through_retry_all_until_released(
 async def test_bounce_now_gives_up_and_delete_removes_without_bounce(
     harness: Harness, root: QmailRoot
 ) -> None:
-    add_user(root, "gina", maildir=False)
-    sender_home = add_user(root, "hank")
+    make_user(root, "gina", maildir=False)
+    sender_home = make_user(root, "hank")
     first = await harness.inject(b"Subject: 1\n\n", "hank@mx.example.org", ["gina@mx.example.org"])
     second = await harness.inject(b"Subject: 2\n\n", "hank@mx.example.org", ["gina@mx.example.org"])
     await harness.wait_for(
