@@ -172,6 +172,7 @@ class Core:
 
     async def _run_locked(self) -> None:
         self._config = strict_config(self.root)
+        Queue(self.root).create_layout()  # adds our directories to a queue qmail made
         self.root.pid_file.write_text(f"{os.getpid()}\n")
         loop = asyncio.get_running_loop()
         self.events.bind(loop)
@@ -254,6 +255,8 @@ async def offline(root: QmailRoot, clock: Clock | None = None) -> AsyncIterator[
     """The Service on the files directly, under the root's lock (no core running)."""
     check_root(root)
     lock = lock_root(root)
+    with contextlib.suppress(OSError):  # read-only use (queue list) works without them
+        Queue(root).create_layout()  # adds our directories to a queue qmail made
     executor = ThreadPoolExecutor(8, thread_name_prefix="offline")
     clock = clock or SystemClock()
     log = Log(root.log, clock=clock)

@@ -8,7 +8,9 @@ from pathlib import Path
 SPLIT = 23  # conf-split: hash subdirectories of mess/ info/ local/ remote/
 
 SPLIT_DIRS = ("mess", "info", "local", "remote")
-FLAT_DIRS = ("todo", "intd", "bounce", "pid", "lock", "hold", "state", "spare")
+QMAIL_FLAT_DIRS = ("todo", "intd", "bounce", "pid", "lock")
+OUR_FLAT_DIRS = ("hold", "state", "spare")  # made on start if a qmail queue lacks them
+FLAT_DIRS = QMAIL_FLAT_DIRS + OUR_FLAT_DIRS
 
 
 def is_same_file(path: Path, fd: int) -> bool:

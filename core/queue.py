@@ -60,7 +60,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from core.durable import Durability, FsyncEach
-from core.paths import FLAT_DIRS, SPLIT, SPLIT_DIRS, QmailRoot, is_same_file
+from core.paths import FLAT_DIRS, QMAIL_FLAT_DIRS, SPLIT, SPLIT_DIRS, QmailRoot, is_same_file
 from core.timefmt import date822
 
 CHANNELS = ("local", "remote")
@@ -215,7 +215,8 @@ class Queue:
         fsync_directory(self.dir)
 
     def missing_layout(self) -> list[Path]:
-        wanted = [self.dir / n for n in FLAT_DIRS]
+        """qmail's own directories that are missing (ours are made when needed)."""
+        wanted = [self.dir / n for n in QMAIL_FLAT_DIRS]
         wanted += [self.dir / n / str(i) for n in SPLIT_DIRS for i in range(SPLIT)]
         return [p for p in wanted if not p.is_dir()]
 
