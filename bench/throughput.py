@@ -49,12 +49,24 @@ def _counting_fsync(fd: int) -> None:
 
 
 def spawn_cpu(core: Core) -> float:
-    """CPU seconds used so far by the delivery process (qmail-lspawn's part)."""
+    """CPU seconds used so far by the delivery process (qmail-lspawn's part) and
+    its descendants (the per-uid workers of a core run as root)."""
     proc = getattr(core.spawner, "_proc", None)
     if proc is None:
         return 0.0
-    fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    family, ticks = {proc.pid}, 0
+    for _ in range(3):  # lspawn, its fork server, the workers
+        family |= {pid for pid, (ppid, _) in stats.items() if ppid in family}
+    ticks = sum(stats[pid][1] for pid in family if pid in stats)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def core_syncs(core: Core) -> int:
@@ -69,7 +81,13 @@ def make_root(base: Path) -> tuple[QmailRoot, Path]:
     home = base / "home"
     home.mkdir(mode=0o700)
     maildirmake(home / "Maildir")
-    root.assign.write_text(f"=user:user:{os.getuid() or 65534}:{os.getgid()}:{home}:::\n.\n")
+    uid, gid = os.getuid(), os.getgid()
+    if uid == 0:  # qmail never delivers as root: the user is nobody, who owns the home
+        uid = gid = 65534
+        base.chmod(0o755)
+        for path in (home, home / "Maildir", *(home / "Maildir").iterdir()):
+            os.chown(path, uid, gid)
+    root.assign.write_text(f"=user:user:{uid}:{gid}:{home}:::\n.\n")
     users.newu(root)
     return root, home / "Maildir" / "new"
 
@@ -86,6 +104,7 @@ async def one_run(base: Path, messages: int, size: int, sessions: int) -> dict[s
     header = b"From: bench@client.test\nTo: user@bench.test\nSubject: bench\n\n"
     done = asyncio.Event()
     delivered = 0
+    failures: list[str] = []
     sub = core.events.subscribe(maxsize=messages * 4)
 
     async def count() -> None:
@@ -94,7 +113,11 @@ async def one_run(base: Path, messages: int, size: int, sessions: int) -> dict[s
             event = await sub.get()
             if event is None:
                 return
-            if event.kind == "delivery-finished" and event.data["result"] == "K":
+            if event.kind == "delivery-finished":
+                if event.data["result"] != "K":
+                    failures.append(str(event.data["text"]))
+                    done.set()
+                    return
                 delivered += 1
         done.set()
 
@@ -122,6 +145,10 @@ async def one_run(base: Path, messages: int, size: int, sessions: int) -> dict[s
     await asyncio.gather(*(session() for _ in range(sessions)))
     accepted = time.perf_counter() - start
     await asyncio.wait_for(done.wait(), 600)
+    if failures:
+        core.stop()
+        await asyncio.wait_for(task, 60)
+        raise SystemExit(f"a delivery did not succeed: {failures[0].strip()}")
     elapsed = time.perf_counter() - start
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     child_cpu = spawn_cpu(core)
@@ -163,6 +190,7 @@ def main() -> int:
     top = None
     if args.dir is None and os.geteuid() == 0:
         top = Path(tempfile.mkdtemp(prefix="qmailtui-bench-", dir="/"))
+        top.chmod(0o755)  # the user the deliveries run as must pass through
         args.dir = str(top)
     print(f"roots under {args.dir or tempfile.gettempdir()}", flush=True)
     try:

@@ -12,7 +12,7 @@ import os
 import stat
 from pathlib import Path
 
-from core import control, local, users
+from core import control, dotqmail, users
 from core.errors import Problem
 from core.paths import QmailRoot
 
@@ -134,8 +134,9 @@ def _dotqmail_files(home: Path, label: str) -> list[Problem]:
 
 def _instructions(text: str, path: Path, home: Path, label: str) -> list[Problem]:
     """A `.qmail` text read in `home`: the blank first line, Maildirs that do not exist."""
-    instructions, failure = local.parse_lines(text, str(path))
-    if failure is not None:
+    try:
+        instructions = dotqmail.parse(text.encode("utf-8", "surrogateescape"), str(path), False)
+    except dotqmail.Failure:
         return [Problem(path, 1, f"{label}: first line is blank: qmail defers every delivery")]
     problems = []
     for instruction in instructions:

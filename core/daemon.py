@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from core import control, local
+from core import control
 from core.clock import Clock, SystemClock
 from core.control import Config
 from core.controlsock import ControlSocket
@@ -24,7 +24,7 @@ from core.errors import ExitCode, Problem, UserError
 from core.events import Events
 from core.local import Result
 from core.log import Log
-from core.lspawn import LocalSpawner
+from core.lspawn import Deliverer, LocalSpawner
 from core.paths import QmailRoot
 from core.queue import Queue
 from core.send import Send
@@ -92,8 +92,10 @@ def make_send(
     """The scheduler; local deliveries go to `spawner`'s process, or (for the
     command line with no core, which only delivers to nobody) run in-process."""
 
+    deliverer = Deliverer(root, queue, config)
+
     def deliver_local(recipient: str, sender: str, msgid: int, now: float) -> Result:
-        return local.deliver(root, config(), queue, recipient, sender, msgid, now)
+        return deliverer.deliver(recipient, sender, msgid, now)
 
     return Send(
         queue,

@@ -1,29 +1,38 @@
-"""Deliver to one local recipient, as qmail-lspawn + qmail-local do (spec/local.md).
+"""qmail-local: deliver a message to one user's .qmail instructions (local.md §5-8).
 
-`plan()` decides, without side effects, who owns the address, which `.qmail`
-file applies and what it says; `deliver()` carries the plan out. The address
-tracer prints the same plan, so what it says is what happens.
-
-Supported here: users/assign owners, the alias user, the `.qmail` search
-order with `-default` files, Maildir, mbox and forward lines, the loop check,
-Delivered-To and Return-Path. Program lines are recognised but deferred until
-program delivery (with its uid switch) exists.
+`prepare()` does everything qmail-local does before the first delivery (home
+checks, environment, the .qmail search, NEWSENDER, parsing) without side
+effects, so that the address tracer prints the plan that delivery follows;
+`execute()` carries it out. `python -m core.local` is a drop-in for qmail-local
+with the same arguments, output and exit codes; the core runs it as the
+recipient's uid when it runs as root, and calls these functions in-process
+otherwise (see lspawn.py).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core import users
-from core.control import Config
-from core.errors import UserError
-from core.maildir import MailboxError, deliver_maildir, deliver_mbox
-from core.paths import QmailRoot
-from core.queue import Queue, QueueError
+from core import dotqmail
+from core.dotqmail import Failure, Instruction, Search
+from core.durable import Durability, FsyncEach
+from core.maildir import MailboxError, Message, deliver_maildir, deliver_mbox, open_message
 from core.quote import quote2
+from core.timefmt import mbox_date
+
+PERMANENT_EXITS = frozenset({100, 64, 65, 70, 76, 77, 78, 112})
+REPORT_MAX = 3000  # qmail-lspawn keeps this much of a report
+PROGRAM_TIMEOUT = 24 * 3600.0  # qmail has none; a program stuck for a day is deferred
+NO_MAILBOX = "Sorry, no mailbox here by that name. (#5.1.1)"
+LOOPING = "This message is looping: it already has my Delivered-To line. (#5.4.6)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +41,9 @@ class Result:
 
     status: str
     text: str
+    # Forwards left to the caller (a delivery as another uid cannot write the
+    # queue): the envelope sender and the recipients; "qp N" is not yet in text.
+    forward: tuple[str, tuple[str, ...]] | None = None
 
     @property
     def ok(self) -> bool:
@@ -39,139 +51,154 @@ class Result:
 
 
 @dataclass(frozen=True, slots=True)
-class Instruction:
-    kind: str  # "maildir", "mbox", "forward", "program"
-    value: str
-    line: int
-    source: str  # the .qmail file, or "control/defaultdelivery"
+class Target:
+    """qmail-local's arguments: who owns the address and where its .qmail files live."""
+
+    user: str
+    home: Path
+    local: str
+    dash: str
+    ext: str
+    host: str
 
 
 @dataclass
 class Plan:
-    recipient: str
-    local: str
-    domain: str
-    owner: users.Owner | None = None
-    tried: list[Path] = field(default_factory=list)
-    dotqmail: Path | None = None
+    target: Target
+    sender: str
+    env: dict[str, str]
+    search: Search
+    newsender: str
     instructions: list[Instruction] = field(default_factory=list)
-    newsender: str = ""
-    failure: Result | None = None
+    from_default: bool = False  # control/defaultdelivery (qmail's aliasempty) applies
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def dtline(self) -> bytes:
+        return self.env["DTLINE"].encode("utf-8", "surrogateescape")
 
-NO_MAILBOX = "Sorry, no mailbox here by that name. (#5.1.1)\n"
-LOOPING = "This message is looping: it already has my Delivered-To line. (#5.4.6)\n"
+    @property
+    def rpline(self) -> bytes:
+        return self.env["RPLINE"].encode("utf-8", "surrogateescape")
 
-
-def alias_owner(root: QmailRoot, local: str) -> users.Owner:
-    """qmail-getpw's last resort: the alias user, ext = the whole local part."""
-    st = os.stat(root.alias) if root.alias.exists() else None
-    return users.Owner(
-        user="alias",
-        uid=st.st_uid if st else os.getuid(),
-        gid=st.st_gid if st else os.getgid(),
-        home=str(root.alias),
-        dash="-",
-        ext=local,
-        source="the alias user (alias/)",
-    )
+    @property
+    def ufline(self) -> bytes:
+        return self.env["UFLINE"].encode("utf-8", "surrogateescape")
 
 
-def candidates(dash: str, ext: str) -> list[str]:
-    """The .qmail names qmail-local tries, in order (local.md §5.4)."""
-    safe = ext.lower().replace(".", ":")
-    names = [f".qmail{dash}{safe}"]
-    for i in range(len(safe), -1, -1):
-        if i == 0 or safe[i - 1] == "-":
-            names.append(f".qmail{dash}{safe[:i]}default")
-    return names
+# (dtline, message, sender, recipients) -> the forwarded message's qp
+Forwarder = Callable[[bytes, Message, str, list[str]], int]
 
 
-def parse_lines(text: str, source: str) -> tuple[list[Instruction], Result | None]:
-    instructions: list[Instruction] = []
-    for number, raw in enumerate(text.split("\n"), 1):
-        line = raw.rstrip(" \t")
-        if not line.strip():
-            if number == 1 and text.strip():
-                return [], Result("Z", "Uh-oh: first line of .qmail file is blank. (#4.2.1)\n")
-            continue
-        first = line[0]
-        if first == "#" or first == "+":
-            continue
-        if first == "|":
-            instructions.append(Instruction("program", line[1:], number, source))
-        elif first in "./":
-            kind = "maildir" if line.endswith("/") else "mbox"
-            instructions.append(Instruction(kind, line, number, source))
-        elif first == "&":
-            instructions.append(Instruction("forward", line[1:], number, source))
-        else:
-            instructions.append(Instruction("forward", line, number, source))
-    return instructions, None
+def _host_prefixes(host: str) -> tuple[str, str, str]:
+    i = host.rfind(".")
+    i = len(host) if i < 0 else i
+    out = []
+    for _ in range(3):
+        out.append(host[:i])
+        j = host.rfind(".", 0, i)
+        i = j if j >= 0 else i
+    return out[0], out[1], out[2]
 
 
-def plan(root: QmailRoot, config: Config, recipient: str, sender: str) -> Plan:
-    local, _, domain = recipient.rpartition("@")
-    p = Plan(recipient, local, domain)
-    if not local:
-        p.notes.append("empty local part: a trash address, the delivery succeeds")
-        return p
-    try:
-        owner = users.lookup(root, local)
-    except (OSError, ValueError, UserError):
-        p.failure = Result("Z", "Trouble reading users/cdb in qmail-lspawn.\n")
-        return p
-    p.owner = owner or alias_owner(root, local)
-    home = Path(p.owner.home)
+def _ext_parts(ext: str) -> tuple[str, str, str]:
+    parts = []
+    x = ext
+    for _ in range(3):
+        dash = x.find("-")
+        x = x[dash + 1 :] if dash >= 0 else ""
+        parts.append(x)
+    return parts[0], parts[1], parts[2]
+
+
+def check_home(home: Path, dry_run: bool = False) -> list[str]:
+    """checkhome(): raise Failure for a home that is writable by others or
+    sticky (a user editing his .qmail); with `dry_run` a sticky home is a note."""
     try:
         st = os.stat(home)
     except OSError as e:
-        p.failure = Result("Z", f"Unable to switch to {home}: {e.strerror}. (#4.3.0)\n")
-        return p
-    if st.st_mode & stat.S_IWOTH:
-        p.failure = Result("Z", "Uh-oh: home directory is writable. (#4.7.0)\n")
-        return p
+        raise Failure(f"Unable to switch to {home}: {_reason(e)}. (#4.3.0)") from e
+    if not stat.S_ISDIR(st.st_mode):
+        raise Failure(f"Unable to switch to {home}: not a directory. (#4.3.0)")
+    if st.st_mode & dotqmail.PATRN:
+        raise Failure("Uh-oh: home directory is writable. (#4.7.0)")
     if st.st_mode & stat.S_ISVTX:
-        p.failure = Result(
-            "Z", "Home directory is sticky: user is editing his .qmail file. (#4.2.1)\n"
-        )
-        return p
-    text: str | None = None
-    for name in candidates(p.owner.dash, p.owner.ext):
-        path = home / name
-        p.tried.append(path)
-        try:
-            fst = os.stat(path)
-        except FileNotFoundError:
-            continue
-        except OSError as e:
-            p.failure = Result("Z", f"Unable to open {path}: {e.strerror}. (#4.3.0)\n")
-            return p
-        if not stat.S_ISREG(fst.st_mode):
-            continue
-        if fst.st_mode & stat.S_IWOTH:
-            p.failure = Result("Z", "Uh-oh: .qmail file is writable. (#4.7.0)\n")
-            return p
-        p.dotqmail = path
-        try:
-            text = path.read_text("utf-8", "surrogateescape")
-        except OSError as e:
-            p.failure = Result("Z", f"Unable to open {path}: {e.strerror}. (#4.3.0)\n")
-            return p
-        break
-    if p.dotqmail is None and p.owner.dash:
-        p.failure = Result("D", NO_MAILBOX)
-        return p
-    source = str(p.dotqmail) if p.dotqmail else "control/defaultdelivery"
+        if not dry_run:
+            raise Failure("Home directory is sticky: user is editing his .qmail file. (#4.2.1)")
+        return ["Warning: home directory is sticky."]
+    return []
+
+
+def prepare(
+    target: Target, sender: str, defaultdelivery: str, now: float, dry_run: bool = False
+) -> Plan:
+    """qmail-local up to its first delivery; raises Failure as qmail-local exits."""
+    if not target.home.is_absolute():
+        raise Failure("Unable to switch to a relative home directory. (#4.3.0)")
+    notes = check_home(target.home, dry_run)
+    recipient = f"{target.local}@{target.host}"
+    ufsender = sender or "MAILER-DAEMON"
+    for ch in " \t\n":
+        ufsender = ufsender.replace(ch, "-")
+    host2, host3, host4 = _host_prefixes(target.host)
+    ext2, ext3, ext4 = _ext_parts(target.ext)
+    env = {
+        "HOST": target.host,
+        "HOME": str(target.home),
+        "USER": target.user,
+        "LOCAL": target.local,
+        "RECIPIENT": recipient,
+        "DTLINE": "Delivered-To: " + recipient.replace("\n", "_") + "\n",
+        "SENDER": sender,
+        "RPLINE": "Return-Path: <" + quote2(sender).replace("\n", "_") + ">\n",
+        "UFLINE": f"From {ufsender} {mbox_date(now)}\n",
+        "EXT": target.ext,
+        "EXT2": ext2,
+        "EXT3": ext3,
+        "EXT4": ext4,
+        "HOST2": host2,
+        "HOST3": host3,
+        "HOST4": host4,
+    }
+    found = dotqmail.search(target.home, target.dash, target.ext)
+    plan = Plan(target, sender, env, found, sender, notes=notes)
+    return plan
+
+
+def finish_plan(plan: Plan, defaultdelivery: str) -> Plan:
+    """The rest of prepare(), after the loop check: which file, NEWSENDER, the lines."""
+    found, target, sender = plan.search, plan.target, plan.sender
+    if found.error:
+        raise Failure(found.error)
+    if found.found is None and target.dash:
+        raise Failure(NO_MAILBOX, permanent=True)
+    if found.default is not None:
+        plan.env["DEFAULT"] = found.default
+    if sender not in ("", "#@[]") and dotqmail.owner_exists(
+        target.home, target.dash, target.ext, "-owner"
+    ):
+        if dotqmail.owner_exists(target.home, target.dash, target.ext, "-owner-default"):
+            plan.newsender = f"{target.local}-owner-@{target.host}-@[]"
+        else:
+            plan.newsender = f"{target.local}-owner@{target.host}"
+    plan.env["NEWSENDER"] = plan.newsender
+    text, source, forward_only = found.text, found.found or "", found.forward_only
     if not text:
-        if p.dotqmail is not None:
-            p.notes.append(f"{p.dotqmail.name} is empty: control/defaultdelivery applies")
-        source = "control/defaultdelivery"
-        text = "\n".join(config.defaultdelivery)
-    p.instructions, p.failure = parse_lines(text, source)
-    p.newsender = sender
-    return p
+        plan.from_default = True
+        text, source, forward_only = defaultdelivery.encode(), "control/defaultdelivery", False
+    plan.instructions = dotqmail.parse(text, source, forward_only)
+    return plan
+
+
+def is_looping(message: Message, dtline: bytes) -> bool:
+    """bouncexf(): is our Delivered-To line already among the header lines?"""
+    with open_message(message) as f:
+        for line in f:
+            if len(line) <= 1:
+                return False
+            if line == dtline:
+                return True
+    return False
 
 
 def _inside(home: Path, target: Path) -> bool:
@@ -180,87 +207,260 @@ def _inside(home: Path, target: Path) -> bool:
     return real == real_home or real.startswith(real_home + os.sep)
 
 
-def deliver(
-    root: QmailRoot,
-    config: Config,
-    queue: Queue,
-    recipient: str,
-    sender: str,
-    msgid: int,
-    now: float,
+@dataclass
+class Rules:
+    """What an in-process delivery may do (lspawn.py decides)."""
+
+    confine: bool = False  # files only inside the home (no uid switch protects them)
+    programs: bool = True  # may |program lines run here?
+    why_no_programs: str = ""
+
+
+def execute(
+    plan: Plan,
+    message: Message,
+    *,
+    forward: Forwarder | None,
+    durable: Durability | None = None,
+    rules: Rules | None = None,
 ) -> Result:
-    p = plan(root, config, recipient, sender)
-    if p.failure is not None:
-        return p.failure
-    if p.owner is None:
-        return Result("K", "")  # trash address
-    home = Path(p.owner.home)
-    dtline = f"Delivered-To: {recipient.replace(chr(10), '_')}\n".encode("utf-8", "surrogateescape")
-    message = root.mess(msgid)
-    try:
-        if _has_line(message, dtline):
-            return Result("D", LOOPING)
-    except OSError:
-        return Result("Z", "Unable to read message. (#4.3.0)\n")
-    rpline = f"Return-Path: <{_quote_sender(sender)}>\n".encode("utf-8", "surrogateescape")
+    """Carry out the plan as qmail-local does; the report is its output."""
+    rules = rules or Rules()
+    durable = durable or FsyncEach()
+    home = plan.target.home
+    header = plan.rpline + plan.dtline
+    output: list[str] = []
     files = forwards = programs = 0
     forward_to: list[str] = []
-    for ins in p.instructions:
+    stop = False
+
+    def failed(text: str, permanent: bool = False) -> Result:
+        return Result("D" if permanent else "Z", _report("".join(output) + text + "\n"))
+
+    for ins in plan.instructions:
+        if ins.kind == "fail":
+            return failed(ins.value)
         if ins.kind in ("maildir", "mbox"):
-            target = home / ins.value
-            if not _inside(home, target):
-                return Result(
-                    "Z",
-                    f"Uh-oh: {ins.value} in {ins.source} is outside the home directory. (#4.7.0)\n",
+            files += 1
+            path = home / ins.value
+            if rules.confine and not _inside(home, path):
+                return failed(
+                    f"Uh-oh: {ins.value} ({ins.source} line {ins.line}) is outside the home"
+                    " directory. (#4.7.0)"
                 )
             try:
                 if ins.kind == "maildir":
-                    deliver_maildir(target, rpline + dtline, message, queue.durable)
+                    deliver_maildir(path, header, message, durable)
                 else:
-                    deliver_mbox(target, rpline + dtline, message, sender)
+                    deliver_mbox(path, header, message, plan.ufline, ins.value)
             except MailboxError as e:
-                return Result("D" if e.permanent else "Z", e.text + "\n")
-            files += 1
-        elif ins.kind == "forward":
-            forward_to.append(ins.value)
-            forwards += 1
+                return failed(e.text, e.permanent)
+        elif ins.kind == "program":
+            programs += 1
+            if not rules.programs:
+                return failed(rules.why_no_programs)
+            code, text = run_program(ins.value, plan, message)
+            output.append(text)
+            if code is None:
+                return failed("Aack, child crashed. (#4.3.0)")
+            if code in PERMANENT_EXITS:
+                return Result("D", _report("".join(output)))
+            if code == 99:
+                stop = True
+            elif code != 0:
+                return Result("Z", _report("".join(output)))
         else:
-            return Result(
-                "Z",
-                f"Program delivery ({ins.source} line {ins.line}) is not supported yet. (#4.3.0)\n",
-            )
+            forwards += 1
+            forward_to.append(ins.value)
+        if stop:
+            break
     qp = ""
-    if forward_to:
+    if forward_to and forward is None:
+        done = f"did {files}+{forwards}+{programs}\n"
+        return Result("K", _report("".join(output) + done), (plan.newsender, tuple(forward_to)))
+    if forward_to and forward is not None:
+        from core.queue import QueueError
+
         try:
-            data = dtline + message.read_bytes()
-            uid = os.getuid()
-            new = queue.enqueue(
-                data,
-                p.newsender,
-                forward_to,
-                uid=uid,
-                pid=os.getpid(),
-                invoked=f"invoked by uid {uid}",
-                now=now,
-            )
+            qp = f"qp {forward(plan.dtline, message, plan.newsender, forward_to)}\n"
         except QueueError as e:
-            return Result("D" if e.permanent else "Z", f"Unable to forward message: {e.text}.\n")
+            return failed(f"Unable to forward message: {e.text}.", e.permanent)
+        except OSError as e:
+            return failed(f"Unable to forward message: {_reason(e)}. (#4.3.0)")
+    return Result("K", _report("".join(output) + f"did {files}+{forwards}+{programs}\n" + qp))
+
+
+def run_program(command: str, plan: Plan, message: Message) -> tuple[int | None, str]:
+    """`/bin/sh -c command` in the home, the message on stdin; (exit code or None
+    if killed, its output)."""
+    env = {**os.environ, **plan.env}
+    with open_message(message) as stdin:
+        try:
+            proc = subprocess.run(
+                ["/bin/sh", "-c", command],
+                stdin=stdin,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                cwd=plan.target.home,
+                env=env,
+                timeout=PROGRAM_TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as e:
+            out = (e.output or b"").decode("utf-8", "replace")
+            return 111, out + "Timeout: the program ran for a day; it will be tried again.\n"
+        except OSError as e:
+            return 111, f"Unable to run /bin/sh: {_reason(e)}. (#4.3.0)\n"
+    text = proc.stdout.decode("utf-8", "surrogateescape")
+    if proc.returncode < 0:
+        return None, text
+    return proc.returncode, text
+
+
+def _report(text: str) -> str:
+    """qmail-lspawn's cut: past 3000 bytes, 2966 of them and a note."""
+    data = text.encode("utf-8", "surrogateescape")
+    if len(data) <= REPORT_MAX:
+        return text
+    return data[:2966].decode("utf-8", "surrogateescape") + "\nError report too long, sorry.\n"
+
+
+def qmail_local(
+    target: Target,
+    sender: str,
+    defaultdelivery: str,
+    message: Message,
+    *,
+    forward: Forwarder | None,
+    durable: Durability | None = None,
+    rules: Rules | None = None,
+    now: float | None = None,
+) -> Result:
+    """The whole of qmail-local for one delivery."""
+    when = time.time() if now is None else now
+    try:
+        plan = prepare(target, sender, defaultdelivery, when)
+        try:
+            if is_looping(message, plan.dtline):
+                return Result("D", LOOPING + "\n")
         except OSError:
             return Result("Z", "Unable to read message. (#4.3.0)\n")
-        qp = f"qp {new}\n"
-    return Result("K", f"did {files}+{forwards}+{programs}\n{qp}")
+        finish_plan(plan, defaultdelivery)
+    except Failure as e:
+        return Result("D" if e.permanent else "Z", e.text + "\n")
+    return execute(plan, message, forward=forward, durable=durable, rules=rules)
 
 
-def _has_line(message: Path, line: bytes) -> bool:
-    """Is `line` one of the header lines (up to the first empty line)?"""
-    with open(message, "rb") as f:
-        for raw in f:
-            if raw == b"\n":
-                return False
-            if raw == line:
-                return True
-    return False
+def describe(plan: Plan) -> list[str]:
+    """qmail-local -n: one line per instruction, then the counts."""
+    lines = list(plan.notes)
+    files = forwards = programs = 0
+    for ins in plan.instructions:
+        if ins.kind == "fail":
+            lines.append(ins.value)
+            return lines
+        if ins.kind in ("maildir", "mbox"):
+            files += 1
+            lines.append(f"{ins.kind} {ins.value}")
+        elif ins.kind == "program":
+            programs += 1
+            lines.append(f"program {ins.value}")
+        else:
+            forwards += 1
+            lines.append(f"forward {ins.value}")
+    lines.append(f"did {files}+{forwards}+{programs}")
+    return lines
 
 
-def _quote_sender(sender: str) -> str:
-    return quote2(sender).replace("\n", "_")
+def _reason(e: OSError) -> str:
+    from core.errors import os_reason
+
+    return os_reason(e)
+
+
+# -- the qmail-local command -------------------------------------------------------
+
+USAGE = (
+    "qmail-local: usage: qmail-local [ -nN ] user homedir local dash ext domain sender aliasempty"
+)
+
+
+def forward_with_qmailqueue(dtline: bytes, message: Message, sender: str, rcpts: list[str]) -> int:
+    """Forward through $QMAILQUEUE (qmail-queue's fd 0/1 protocol), or the
+    queue of $QMAILHOME: what the command does when run alone."""
+    from core.queue import Queue, QueueError, encode_envelope
+
+    with open_message(message) as f:
+        data = dtline + f.read()
+    program = os.environ.get("QMAILQUEUE")
+    if program:
+        read_env, write_env = os.pipe()
+        proc = subprocess.Popen([program], stdin=subprocess.PIPE, stdout=read_env, close_fds=True)
+        os.close(read_env)
+        assert proc.stdin is not None
+        proc.stdin.write(data)
+        proc.stdin.close()
+        envelope = encode_envelope(0, 0, sender, rcpts).split(b"\0", 2)[2] + b"\0"
+        os.write(write_env, envelope)
+        os.close(write_env)
+        code = proc.wait()
+        if code != 0:
+            raise QueueError(f"qq exited {code}", permanent=11 <= code <= 40)
+        return proc.pid
+    from core.paths import QmailRoot, default_root
+
+    uid = os.getuid()
+    return Queue(QmailRoot(default_root())).enqueue(
+        data,
+        sender,
+        rcpts,
+        uid=uid,
+        pid=os.getpid(),
+        invoked=f"invoked by uid {uid}",
+        now=time.time(),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    dry_run = False
+    while args and args[0].startswith("-") and args[0] != "--":
+        for letter in args[0][1:]:
+            if letter == "n":
+                dry_run = True
+            elif letter == "N":
+                dry_run = False
+            else:
+                sys.stderr.write(USAGE + "\n")
+                return 100
+        args = args[1:]
+    if args and args[0] == "--":
+        args = args[1:]
+    if len(args) != 8 or not args[1].startswith("/"):
+        sys.stderr.write(USAGE + "\n")
+        return 100
+    os.umask(0o077)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    user, home, local, dash, ext, host, sender, aliasempty = args
+    target = Target(user, Path(home), local, dash, ext, host)
+    if dry_run:
+        try:
+            plan = prepare(target, sender, aliasempty, time.time(), dry_run=True)
+            finish_plan(plan, aliasempty)
+        except Failure as e:
+            sys.stderr.write(e.text + "\n")
+            return 100 if e.permanent else 111
+        for note in plan.notes:
+            sys.stderr.write(note + "\n")
+        plan.notes = []
+        sys.stdout.write("".join(line + "\n" for line in describe(plan)))
+        return 0
+    result = qmail_local(target, sender, aliasempty, 0, forward=forward_with_qmailqueue)
+    out = sys.stdout if result.ok else sys.stderr
+    out.write(result.text)
+    out.flush()
+    return {"K": 0, "D": 100}.get(result.status, 111)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

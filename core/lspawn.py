@@ -25,30 +25,181 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from core import control, local
+from core import control, users
+from core.asuser import ForkServer, UserWorkers
 from core.durable import GroupCommit
-from core.local import Result
+from core.errors import UserError
+from core.getpw import getpw
+from core.local import Result, Rules, Target, qmail_local
 from core.paths import QmailRoot
-from core.queue import Queue
+from core.queue import Queue, QueueError
 
 LINE_MAX = 1 << 20
 PROJECT = str(Path(__file__).resolve().parent.parent)  # so that `-m core.lspawn` imports us
 CRASHED = Result("Z", "qmail-local crashed. (#4.3.0)\n")
 
 
+def find_owner(root: QmailRoot, local_part: str, use_passwd: bool) -> users.Owner:
+    """qmail-lspawn's look-up: users/assign (users/cdb), then the password database
+    (only for a core run as root: no other can deliver to a system user's home),
+    then the alias user. Raises UserError when users/cdb cannot be read."""
+    owner = users.lookup(root, local_part)
+    if owner is None and use_passwd:
+        owner = getpw(local_part)
+    return owner or alias_owner(root, local_part)
+
+
+def alias_owner(root: QmailRoot, local_part: str) -> users.Owner:
+    """The alias user: the root's alias/ home, ext = the whole local part."""
+    try:
+        st = os.stat(root.alias)
+        uid, gid = st.st_uid, st.st_gid
+    except OSError:
+        uid, gid = os.getuid(), os.getgid()
+    return users.Owner("alias", uid, gid, str(root.alias), "-", local_part, "the alias user")
+
+
+class Deliverer:
+    """qmail-lspawn for one root: finds the owner, chooses who delivers, forwards."""
+
+    def __init__(
+        self,
+        root: QmailRoot,
+        queue: Queue,
+        config: Callable[[], control.Config],
+        forks: ForkServer | None = None,
+    ) -> None:
+        self.root = root
+        self.queue = queue
+        self.config = config
+        self.workers = UserWorkers(forks)
+        self.is_root = os.geteuid() == 0
+
+    def deliver(self, rcpt: str, sender: str, msgid: int, now: float) -> Result:
+        local_part, at, host = rcpt.rpartition("@")
+        if not at:
+            return Result("D", "Sorry, address must include host name. (#5.1.3)\n")
+        if not local_part:
+            return Result("K", "")  # a trash address, as qmail-lspawn has it
+        try:
+            owner = find_owner(self.root, local_part, self.is_root)
+        except UserError:
+            return Result("Z", "Trouble reading users/cdb in qmail-lspawn.\n")
+        target = Target(owner.user, Path(owner.home), local_part, owner.dash, owner.ext, host)
+        defaultdelivery = "".join(line + "\n" for line in self.config().defaultdelivery)
+        message = self.root.mess(msgid)
+        if self.is_root and owner.uid != 0:
+            result = self._as_user(owner, target, sender, defaultdelivery, message, now)
+        else:
+            rules = self._rules(owner)
+            if rules is None:
+                return Result("Z", "Not allowed to perform deliveries as root.\n")
+            result = qmail_local(
+                target,
+                sender,
+                defaultdelivery,
+                message,
+                forward=None,
+                durable=self.queue.durable,
+                rules=rules,
+                now=now,
+            )
+        if result.forward is None:
+            return result
+        return self._forward(result, owner, target, message, now)
+
+    def _rules(self, owner: users.Owner) -> Rules | None:
+        """What an in-process delivery may do; None: it may not happen at all."""
+        if self.is_root:
+            if owner.user != "alias" or Path(owner.home) != self.root.alias:
+                return None  # qmail-lspawn: "Not allowed to perform deliveries as root."
+            return Rules(
+                confine=True,
+                programs=False,
+                why_no_programs="Program deliveries for the alias user need an alias"
+                " account to run as: chown the alias directory to it. (#4.3.0)",
+            )
+        # An unprivileged core is one Unix user: a home is the only fence between
+        # its users, and a program can run only as that one uid.
+        mine = owner.uid == os.getuid()
+        return Rules(
+            confine=True,
+            programs=mine,
+            why_no_programs=f"Unable to run programs as uid {owner.uid}: this core runs as"
+            f" uid {os.getuid()} and is not root. (#4.3.0)",
+        )
+
+    def _as_user(
+        self,
+        owner: users.Owner,
+        target: Target,
+        sender: str,
+        defaultdelivery: str,
+        message: Path,
+        now: float,
+    ) -> Result:
+        try:
+            fd = os.open(message, os.O_RDONLY)
+        except OSError:
+            return Result("Z", "qmail-spawn unable to open message. (#4.3.0)\n")
+        request = {
+            "user": target.user,
+            "home": str(target.home),
+            "local": target.local,
+            "dash": target.dash,
+            "ext": target.ext,
+            "host": target.host,
+            "sender": sender,
+            "defaultdelivery": defaultdelivery,
+            "now": now,
+        }
+        try:
+            return self.workers.deliver(owner.uid, owner.gid, request, fd)
+        except OSError as e:
+            return Result("Z", f"Unable to run qmail-local: {e.strerror or e}. (#4.3.0)\n")
+        finally:
+            os.close(fd)
+
+    def _forward(
+        self, result: Result, owner: users.Owner, target: Target, message: Path, now: float
+    ) -> Result:
+        """Queue the forwards a delivery asked for: DTLINE + the message (local.md §7.4)."""
+        assert result.forward is not None
+        sender, rcpts = result.forward
+        dtline = f"Delivered-To: {target.local}@{target.host}".replace("\n", "_") + "\n"
+        invoked = "invoked by alias" if owner.user == "alias" else f"invoked by uid {owner.uid}"
+        try:
+            data = dtline.encode("utf-8", "surrogateescape") + self.queue.read_message(
+                int(message.name)
+            )
+            qp = self.queue.enqueue(
+                data, sender, list(rcpts), uid=owner.uid, pid=os.getpid(), invoked=invoked, now=now
+            )
+        except QueueError as e:
+            return Result(
+                "D" if e.permanent else "Z", f"{result.text}Unable to forward message: {e.text}.\n"
+            )
+        except OSError:
+            return Result("Z", f"{result.text}Unable to read message. (#4.3.0)\n")
+        return Result("K", f"{result.text}qp {qp}\n")
+
+    def close(self) -> None:
+        self.workers.close()
+
+
 def serve(root: QmailRoot, requests: BinaryIO, replies: BinaryIO, threads: int = 64) -> None:
     """The child's side: deliver each request in a thread, answer as each ends."""
+    # As root, fork the fork server now, while this process has no threads.
+    forks = ForkServer() if os.geteuid() == 0 else None
     durability = GroupCommit()
     queue = Queue(root, durability=durability)  # forwards are queued through todo/
     config = [control.load(root)]
+    deliverer = Deliverer(root, queue, lambda: config[0], forks)
     write_lock = threading.Lock()
 
     def deliver(request: dict[str, Any]) -> None:
         try:
-            result = local.deliver(
-                root,
-                config[0],
-                queue,
+            result = deliverer.deliver(
                 str(request["rcpt"]),
                 str(request["sender"]),
                 int(request["id"]),
@@ -68,6 +219,7 @@ def serve(root: QmailRoot, requests: BinaryIO, replies: BinaryIO, threads: int =
                 config[0] = control.load(root)
                 continue
             pool.submit(deliver, request)
+    deliverer.close()
     durability.close()
 
 

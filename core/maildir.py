@@ -49,23 +49,34 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+Message = Path | int  # the queued message file, or an open descriptor of it (qmail-local's fd 0)
+
+
+def open_message(source: Message) -> BinaryIO:
+    """The message from its start; a descriptor is rewound and left open for the caller."""
+    if isinstance(source, Path):
+        return open(source, "rb")
+    os.lseek(source, 0, os.SEEK_SET)
+    return os.fdopen(os.dup(source), "rb")
+
+
 def _copy(
-    fd: int, source: Path, transform: Callable[[BinaryIO], Iterable[bytes]] | None = None
+    fd: int, source: Message, transform: Callable[[BinaryIO], Iterable[bytes]] | None = None
 ) -> None:
     """Copy the queued message; fail if it was removed (and its inode reused) meanwhile."""
-    with open(source, "rb") as f:
+    with open_message(source) as f:
         if transform is not None:
             for chunk in transform(f):
                 _write_all(fd, chunk)
         else:
             while chunk := f.read(COPY_CHUNK):
                 _write_all(fd, chunk)
-        if not is_same_file(source, f.fileno()):
+        if isinstance(source, Path) and not is_same_file(source, f.fileno()):
             raise FileNotFoundError(errno.ENOENT, "message removed during delivery", str(source))
 
 
 def deliver_maildir(
-    maildir: Path, header: bytes, message: Path, durable: Durability | None = None
+    maildir: Path, header: bytes, message: Message, durable: Durability | None = None
 ) -> str:
     """Deliver header + the message file into `maildir`; return the new/ name."""
     durable = durable or FsyncEach()
@@ -125,24 +136,28 @@ def _mboxrd(f: BinaryIO) -> Iterable[bytes]:
     yield b"\n" if last.endswith(b"\n") else b"\n\n"
 
 
-def deliver_mbox(path: Path, header: bytes, message: Path, sender: str) -> None:
-    """Append to an mbox under an exclusive flock; on error truncate back."""
+def deliver_mbox(
+    path: Path, header: bytes, message: Message, ufline: bytes, name: str | None = None
+) -> None:
+    """Append UFLINE + header + the message (mboxrd) under an exclusive flock;
+    on error truncate back. `name` is how errors call the file (the .qmail line)."""
+    name = name or str(path)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     except OSError as e:
-        raise MailboxError(f"Unable to open {path}: {_reason(e)}. (#4.2.1)") from e
+        raise MailboxError(f"Unable to open {name}: {_reason(e)}. (#4.2.1)") from e
     try:
         locked = _lock(fd)
         start = os.lseek(fd, 0, os.SEEK_END)
         try:
-            _write_all(fd, from_line(sender, time.time()) + header)
+            _write_all(fd, ufline + header)
             _copy(fd, message, _mboxrd)
             os.fsync(fd)
         except OSError as e:
             if locked:
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, start)
-            raise MailboxError(f"Unable to write {path}: {_reason(e)}. (#4.3.0)") from e
+            raise MailboxError(f"Unable to write {name}: {_reason(e)}. (#4.3.0)") from e
     finally:
         os.close(fd)
 

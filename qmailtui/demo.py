@@ -20,6 +20,10 @@ USERS = ("alice", "bob")
 
 
 def demo_dir() -> Path:
+    if os.geteuid() == 0:
+        # Deliveries run as the demo users' uid (nobody), who cannot pass through
+        # root's home directory: keep the demo where everyone may enter.
+        return Path("/var/tmp/qmailtui-demo")
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local/share")
     return Path(base) / "qmailtui" / "demo"
 
@@ -29,12 +33,17 @@ def make_demo_root(path: Path) -> QmailRoot:
     root = init_root(path, me=DEMO_HOST, force=True)
     if fresh:
         lines = []
-        uid, gid = os.getuid() or 65534, os.getgid() or 65534
+        uid, gid = os.getuid(), os.getgid()
+        if uid == 0:
+            uid = gid = 65534  # qmail never delivers as root: the demo users are nobody
         for user in USERS:
             home = root.path / "home" / user
             home.mkdir(parents=True, exist_ok=True, mode=0o700)
             if not (home / "Maildir").exists():
                 maildirmake(home / "Maildir")
+            if os.getuid() == 0:
+                for path in (home, home / "Maildir", *(home / "Maildir").iterdir()):
+                    os.chown(path, uid, gid)
             lines.append(f"={user}:{user}:{uid}:{gid}:{home}:::")
         root.assign.write_text("\n".join(lines) + "\n.\n")
         from core import users

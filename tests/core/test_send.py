@@ -10,10 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from core import control, local, retry
+from core import control, retry
 from core.events import Events
 from core.local import Result
 from core.log import Log
+from core.lspawn import LocalSpawner
 from core.paths import QmailRoot
 from core.queue import Queue
 from core.send import Send
@@ -70,8 +71,7 @@ async def harness(root: QmailRoot) -> AsyncIterator[Harness]:
     executor = ThreadPoolExecutor(16)
     config = [control.load(root)]
 
-    def deliver(rcpt: str, sender: str, msgid: int, now: float) -> Result:
-        return local.deliver(root, config[0], queue, rcpt, sender, msgid, now)
+    spawner = LocalSpawner(root, lambda why: None)  # deliveries in qmail-lspawn's process
 
     send = Send(
         queue,
@@ -79,7 +79,7 @@ async def harness(root: QmailRoot) -> AsyncIterator[Harness]:
         clock=clock,
         log=log,
         events=events,
-        local=deliver,
+        local=spawner.deliver,
         executor=executor,
     )
     h = Harness(root, send, clock, events)
@@ -92,6 +92,7 @@ async def harness(root: QmailRoot) -> AsyncIterator[Harness]:
     finally:
         stopping.set()
         await asyncio.wait_for(task, 10)
+        await spawner.close()
         executor.shutdown()
         log.close()
 
@@ -197,7 +198,9 @@ async def test_deferral_follows_qmail_retry_schedule_then_bounces_past_lifetime(
     harness.clock.t = birth + 604801
     harness.send.retry_all()
     await harness.wait_end(msgid)
-    bounce = next((root.path.parent / "home/erin/Maildir/new").iterdir()).read_text()
+    inbox = root.path.parent / "home/erin/Maildir/new"
+    await harness.wait_for(lambda: any(inbox.iterdir()))  # the bounce is a message too
+    bounce = next(inbox.iterdir()).read_text()
     assert "Unable to chdir to maildir. (#4.2.1)\n" + retry.EXPIRED_TEXT in bounce
     assert not (home / "Maildir").exists()
 

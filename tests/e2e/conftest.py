@@ -86,6 +86,8 @@ def server(root: QmailRoot) -> Iterator[Server]:
 
 
 def make_user(root: QmailRoot, name: str, maildir: bool = True) -> Path:
+    """An assigned user with a home (and a Maildir). As root the user is nobody,
+    who owns the home, since qmail never delivers as root."""
     from core import users
     from core.setup import maildirmake
 
@@ -93,8 +95,14 @@ def make_user(root: QmailRoot, name: str, maildir: bool = True) -> Path:
     home.mkdir(parents=True, mode=0o700)
     if maildir:
         maildirmake(home / "Maildir")
+    uid, gid = (65534, 65534) if os.getuid() == 0 else (os.getuid(), os.getgid())
+    if os.getuid() == 0:
+        for directory, _, names in os.walk(home):
+            os.chown(directory, uid, gid)
+            for n in names:
+                os.chown(Path(directory) / n, uid, gid)
     lines = root.assign.read_text().splitlines()[:-1]
-    lines.append(f"={name}:{name}:{os.getuid() or 65534}:{os.getgid()}:{home}:::")
+    lines.append(f"={name}:{name}:{uid}:{gid}:{home}:::")
     root.assign.write_text("\n".join(lines) + "\n.\n")
     assert not any(p.is_error for p in users.newu(root))
     return home
