@@ -158,6 +158,15 @@ class Service:
         problems = await self.send.io(check, self.root)
         return [{**p.as_dict(), "text": p.format(self.root.path)} for p in problems]
 
+    async def op_explain(self, args: dict[str, Any]) -> dict[str, Any]:
+        from core.explain import explain
+
+        address = args.get("address")
+        if not isinstance(address, str) or not address or "\n" in address:
+            raise ServiceError("bad-request", "explain needs one address")
+        result = await self.send.io(explain, self.root, self.config(), address)
+        return result.as_dict()
+
     async def op_retry_all(self, args: dict[str, Any]) -> dict[str, Any]:
         self.send.retry_all()
         return {"ok": True}

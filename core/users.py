@@ -367,6 +367,20 @@ def lookup(root: QmailRoot, local: str) -> Owner | None:
     )
 
 
+def lookup_assign_line(root: QmailRoot, local: str) -> int | None:
+    """The users/assign line that gives `local` its owner (for the address tracer,
+    when the answer came from users/cdb); None if the file has no such line."""
+    try:
+        assignments, _ = parse_assign(root.assign.read_bytes(), root.assign)
+    except OSError:
+        return None
+    table: dict[bytes, Assignment] = {}
+    for assignment in assignments:
+        table.setdefault(assignment.cdb_key, assignment)
+    found = _search(_bytes(local).split(b"\0", 1)[0], _wildchars(assignments), table.get)
+    return found[0].line if found else None
+
+
 def _search(
     name: bytes, wildchars: bytes, get: Callable[[bytes], _T | None]
 ) -> tuple[_T, bytes] | None:

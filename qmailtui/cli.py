@@ -272,6 +272,32 @@ def cmd_act(args: argparse.Namespace) -> int:
     return _run(go())
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from qmailtui.client import connect
+
+    async def go() -> int:
+        async with connect(_root(args)) as client:
+            result = await client.call("explain", address=args.address)
+        if args.json:
+            print(json.dumps(result, ensure_ascii=False, indent=2))
+            return 0
+        print(format_explain(result))
+        return 0
+
+    return _run(go())
+
+
+def format_explain(result: dict[str, Any]) -> str:
+    lines = [f"{result['address']}: {result['outcome']}"]
+    marks = {"info": " ", "warning": "!", "error": "x"}
+    for n, step in enumerate(result["steps"], 1):
+        where = ""
+        if step["file"]:
+            where = f"  [{step['file']}" + (f":{step['line']}" if step["line"] else "") + "]"
+        lines.append(f"{marks.get(step['level'], ' ')} {n:2}. {step['text']}{where}")
+    return "\n".join(lines)
+
+
 # -- inject ----------------------------------------------------------------------
 
 
@@ -343,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("maildirmake", cmd_maildirmake, "create a Maildir")
     p.add_argument("dir", metavar="DIR")
     command("newu", cmd_newu, "compile users/assign into users/cdb, like qmail-newu")
+    p = command("explain", cmd_explain, "where a message to ADDRESS would go, and why")
+    p.add_argument("address", metavar="ADDRESS")
+    p.add_argument("--json", action="store_true")
     p = command("inject", cmd_inject, "queue a message from standard input, like qmail-inject")
     p.add_argument("-f", metavar="SENDER", help="envelope sender")
     p.add_argument("-F", metavar="NAME", help="full name of the sender")
