@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from core import control
+from core import control, users
 from core.clock import Clock, SystemClock
 from core.control import Config
 from core.controlsock import ControlSocket
@@ -31,6 +31,7 @@ from core.send import Send
 from core.service import Service
 
 QUEUE_THREADS = 4
+ASSIGN_CHECK = 1.0  # seconds between looks at users/assign
 
 
 def lock_root(root: QmailRoot) -> int:
@@ -155,6 +156,36 @@ class Core:
             self.send.wake()
         return []
 
+    async def _watch_assign(self) -> None:
+        """Recompile users/cdb when users/assign changes, as an admin would run newu.
+
+        (Deliveries already read a users/assign newer than users/cdb; this keeps
+        the compiled form current.) A file with errors is not compiled: users/cdb
+        stays as it was, and the problems are logged once per version.
+        """
+        reported: float | None = None
+        while True:
+            await asyncio.sleep(ASSIGN_CHECK)
+            try:
+                assign = self.root.assign.stat().st_mtime
+            except OSError:
+                continue
+            try:
+                compiled = self.root.users_cdb.stat().st_mtime
+            except OSError:
+                compiled = -1.0
+            if assign <= compiled or assign == reported:
+                continue
+            assert self.send is not None
+            problems = await self.send.io(users.newu, self.root)
+            errors = [p for p in problems if p.is_error]
+            if errors:
+                reported = assign
+                for problem in errors:
+                    self.log.line(f"alert: {problem.format(self.root.path)}; users/cdb unchanged")
+            else:
+                self.log.line("info: users/assign compiled into users/cdb")
+
     def _lost_spawn(self, why: str) -> None:
         self.log.line(f"alert: {why}; deferring its deliveries, starting a new one")
 
@@ -204,7 +235,11 @@ class Core:
             self.started.set()
             if self._ready is not None:
                 self._ready("ready smtp=off pop3=off")
-            await self.send.run(self._stopping)
+            watcher = asyncio.ensure_future(self._watch_assign())
+            try:
+                await self.send.run(self._stopping)
+            finally:
+                watcher.cancel()
         finally:
             for signum in handled:
                 loop.remove_signal_handler(signum)

@@ -95,3 +95,17 @@ def test_serve_refuses_a_broken_configuration_naming_each_file_and_line(
     assert any(
         line.startswith("qmailtui: control/smtproutes:1: error: port '25x'") for line in lines
     )
+
+
+def test_a_changed_users_assign_is_compiled_by_the_running_core(
+    root: QmailRoot, server: Server
+) -> None:
+    home = make_user(root, "erin")  # compiled by newu here
+    lines = root.assign.read_text().splitlines()
+    lines.insert(0, f"=frank:frank:{lines[0].split(':')[2]}:{lines[0].split(':')[3]}:{home}:::")
+    root.assign.write_text("\n".join(lines) + "\n")
+    server.wait_log("info: users/assign compiled into users/cdb")
+    assert root.users_cdb.stat().st_mtime >= root.assign.stat().st_mtime
+    root.assign.write_text("=broken\n.\n")
+    server.wait_log("alert: users/assign:1: ")
+    assert b"frank" in root.users_cdb.read_bytes()  # the last good one stays
