@@ -101,3 +101,72 @@ async def test_a_delivery_in_flight_when_the_child_dies_is_deferred(root: QmailR
     # worker of that uid holds it and may still finish it: then it arrives twice,
     # qmail's choice over losing it.)
     assert result == CRASHED
+
+
+# -- who delivers, and what they may do ---------------------------------------
+
+
+def test_getpw_follows_qmail_getpw_rules(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    import pwd
+
+    from core import getpw
+
+    homes = {"joe": tmp_path / "joe", "root": tmp_path / "root", "ftp": tmp_path / "ftp"}
+    for home in homes.values():
+        home.mkdir()
+    owners = {"joe": 1000, "root": 0, "ftp": 14}
+    me = os.getuid()
+
+    def getpwnam(name: str) -> pwd.struct_passwd:
+        if name not in homes:
+            raise KeyError(name)
+        uid = owners[name]
+        return pwd.struct_passwd((name, "x", uid, 100, "", str(homes[name]), "/bin/sh"))
+
+    monkeypatch.setattr(getpw.pwd, "getpwnam", getpwnam)
+    # the home must be owned by the account: pretend joe's is, ftp's is not
+    real_stat = os.stat
+
+    def stat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        st = real_stat(path)  # type: ignore[arg-type]
+        if str(path) == str(homes["joe"]):
+            return os.stat_result((st.st_mode, 0, 0, 0, 1000, 100, 0, 0, 0, 0))
+        return st
+
+    monkeypatch.setattr(getpw.os, "stat", stat)
+    joe = getpw.getpw("Joe-Foo-Bar")
+    assert joe is not None
+    assert (joe.user, joe.uid, joe.dash, joe.ext) == ("joe", 1000, "-", "Foo-Bar")
+    assert getpw.getpw("joe") is not None
+    assert getpw.getpw("joe").dash == ""  # type: ignore[union-attr]
+    assert getpw.getpw("root") is None  # uid 0 is never a user
+    assert getpw.getpw("ftp") is None or me == 14  # home owned by someone else
+    assert getpw.getpw("x" * 40 + "-joe") is None  # only prefixes ending before a '-'
+
+
+def test_an_unprivileged_core_runs_programs_only_for_its_own_uid(root: QmailRoot) -> None:
+    from core import control, users
+    from core.lspawn import Deliverer
+
+    deliverer = Deliverer(root, Queue(root), lambda: control.load(root))
+    deliverer.is_root = False
+    mine = users.Owner("a", os.getuid(), os.getgid(), "/h", "", "", "users/assign:1")
+    other = users.Owner("b", os.getuid() + 1, 0, "/h", "", "", "users/assign:2")
+    rules = deliverer._rules(mine)
+    assert rules is not None
+    assert (rules.confine, rules.programs) == (True, True)
+    rules = deliverer._rules(other)
+    assert rules is not None
+    assert (rules.confine, rules.programs) == (True, False)
+    assert "is not root" in rules.why_no_programs
+    deliverer.is_root = True
+    assert (
+        deliverer._rules(
+            mine if os.getuid() == 0 else users.Owner("a", 0, 0, "/h", "", "", "users/assign:1")
+        )
+        is None
+    )  # uid 0: never
+    alias = users.Owner("alias", 0, 0, str(root.alias), "-", "x", "the alias user")
+    rules = deliverer._rules(alias)
+    assert rules is not None
+    assert (rules.confine, rules.programs) == (True, False)
