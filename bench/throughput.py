@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -76,7 +77,11 @@ def core_syncs(core: Core) -> int:
     return int(getattr(durable, "syncs", 0))
 
 
-def make_root(base: Path) -> tuple[QmailRoot, Path]:
+Setup = Callable[[Path], tuple[QmailRoot, list[str], Callable[[int], None]]]
+
+
+def make_root(base: Path) -> tuple[QmailRoot, list[str], Callable[[int], None]]:
+    """One user with a Maildir: (root, the recipients to use, a check of what arrived)."""
     root = init_root(base / "qmail", me="bench.test")
     home = base / "home"
     home.mkdir(mode=0o700)
@@ -89,12 +94,20 @@ def make_root(base: Path) -> tuple[QmailRoot, Path]:
             os.chown(path, uid, gid)
     root.assign.write_text(f"=user:user:{uid}:{gid}:{home}:::\n.\n")
     users.newu(root)
-    return root, home / "Maildir" / "new"
+    new = home / "Maildir" / "new"
+
+    def check(messages: int) -> None:
+        in_new = len(os.listdir(new))
+        assert in_new == messages, f"{in_new} messages in new/, expected {messages}"
+
+    return root, ["user@bench.test"], check
 
 
-async def one_run(base: Path, messages: int, size: int, sessions: int) -> dict[str, float]:
+async def one_run(
+    base: Path, messages: int, size: int, sessions: int, setup: Setup = make_root
+) -> dict[str, float]:
     global FSYNCS
-    root, new = make_root(base)
+    root, rcpts, check = setup(base)
     core = Core(root)
     task = asyncio.create_task(core.run())
     await asyncio.wait_for(core.started.wait(), 10)
@@ -135,7 +148,7 @@ async def one_run(base: Path, messages: int, size: int, sessions: int) -> dict[s
             await send.enqueue(
                 header + b"Message %d\n" % i + body,
                 "bench@client.test",
-                ["user@bench.test"],
+                [rcpts[i % len(rcpts)]],
                 invoked="invoked from network",
             )
 
@@ -164,8 +177,7 @@ async def one_run(base: Path, messages: int, size: int, sessions: int) -> dict[s
     for line in (root.log / "current").read_text().splitlines():
         if " warning: " in line or " alert: " in line:
             print("core said:", line.split(" ", 1)[1], file=sys.stderr)
-    in_new = len(os.listdir(new))
-    assert in_new == messages, f"{in_new} messages in new/, expected {messages}"
+    check(messages)
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime) + child_cpu
     return {
         "rate": messages / elapsed,
@@ -176,8 +188,8 @@ async def one_run(base: Path, messages: int, size: int, sessions: int) -> dict[s
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(setup: Setup = make_root, doc: str | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(doc or __doc__ or "").split("\n")[0])
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--size", type=int, default=5000)
     parser.add_argument("--sessions", type=int, default=10)
@@ -199,7 +211,8 @@ def main() -> int:
             # deleted in the last minute make every file creation scan past them
             # (~0.5 ms of CPU each), so deleting one run's files would slow the next.
             bases.append(Path(tempfile.mkdtemp(prefix="qmailtui-bench-", dir=args.dir)))
-            results.append(asyncio.run(one_run(bases[-1], args.messages, args.size, args.sessions)))
+            run_ = one_run(bases[-1], args.messages, args.size, args.sessions, setup)
+            results.append(asyncio.run(run_))
             report(run, results[-1])
     finally:
         for base in bases:
