@@ -7,12 +7,23 @@ address tracer so that both always agree.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 PATRN = stat.S_IWOTH  # conf-patrn 002: a world-writable .qmail or home is refused
+# qmail's error_temp(): the errors that mean "try again later". Any other error
+# opening a .qmail file (ELOOP, ENAMETOOLONG, ENOTDIR...) means "no such file".
+_TEMPORARY = (
+    "EINTR ENOMEM ETXTBSY EIO ETIMEDOUT EWOULDBLOCK EAGAIN EDEADLK EBUSY ENFILE EMFILE EFBIG"
+    " ENOSPC ENETDOWN ENETUNREACH ENETRESET ECONNABORTED ECONNRESET ENOBUFS ETOOMANYREFS"
+    " ECONNREFUSED EHOSTDOWN EHOSTUNREACH EPROCLIM EUSERS EDQUOT ESTALE ENOLCK"
+)
+TEMPORARY_ERRNOS = frozenset(
+    getattr(errno, name) for name in _TEMPORARY.split() if hasattr(errno, name)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,13 +80,12 @@ def search(home: Path, dash: str, ext: str) -> Search:
         path = home / name
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        except FileNotFoundError:
-            continue
-        except NotADirectoryError:
-            continue
         except OSError as e:
-            result.error = f"Unable to open {name}: {_reason(e)}. (#4.3.0)"
-            return result
+            # qmeexists(): temporary errors and permission problems defer
+            if e.errno in TEMPORARY_ERRNOS or e.errno in (errno.EACCES, errno.EPERM):
+                result.error = f"Unable to open {name}: {_reason(e)}. (#4.3.0)"
+                return result
+            continue
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -100,15 +110,13 @@ def search(home: Path, dash: str, ext: str) -> Search:
 
 def owner_exists(home: Path, dash: str, ext: str, suffix: str) -> bool:
     """qmeox(): does .qmail-EXT-owner (or -owner-default) exist? (for NEWSENDER)"""
+    name = f".qmail{dash}{safe_ext(ext)}{suffix}"
     try:
-        os.stat(home / f".qmail{dash}{safe_ext(ext)}{suffix}")
-    except FileNotFoundError:
-        return False
+        os.stat(home / name)
     except OSError as e:
-        if e.errno in (13, 1):  # permission problems are not temporary for qmeox
-            return False
-        name = f".qmail{dash}{safe_ext(ext)}{suffix}"
-        raise Failure(f"Unable to open {name}: {_reason(e)}. (#4.3.0)") from e
+        if e.errno in TEMPORARY_ERRNOS:
+            raise Failure(f"Unable to open {name}: {_reason(e)}. (#4.3.0)") from e
+        return False  # any other error, permissions too, is "no such file" for qmeox
     return True
 
 
@@ -117,7 +125,8 @@ def parse(text: bytes, source: str, forward_only: bool) -> list[Instruction]:
 
     A blank first line raises Failure. A file or program line in forward-only
     mode becomes a "fail" instruction: qmail-local stops there, after running
-    the lines before it.
+    the lines before it. Values keep any NUL byte, as `qmail-local -n` prints
+    them; delivery stops each at the NUL, as qmail-local's C strings do.
     """
     if not text:
         return []  # an empty file means "the default delivery" (local.md §5.6)
@@ -127,7 +136,7 @@ def parse(text: bytes, source: str, forward_only: bool) -> list[Instruction]:
     out: list[Instruction] = []
     for number, raw in enumerate(decoded.split("\n")[:-1], 1):
         line = raw.rstrip(" \t")
-        if not line:
+        if not line or line[0] == "\0":  # a C string: a line that starts with NUL is empty
             if number == 1:
                 raise Failure("Uh-oh: first line of .qmail file is blank. (#4.2.1)")
             continue

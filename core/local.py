@@ -17,14 +17,17 @@ import stat
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from core import dotqmail
 from core.dotqmail import Failure, Instruction, Search
 from core.durable import Durability, FsyncEach
 from core.maildir import MailboxError, Message, deliver_maildir, deliver_mbox, open_message
+from core.paths import default_root
 from core.quote import quote2
 from core.timefmt import mbox_date
 
@@ -185,7 +188,9 @@ def finish_plan(plan: Plan, defaultdelivery: str) -> Plan:
     text, source, forward_only = found.text, found.found or "", found.forward_only
     if not text:
         plan.from_default = True
-        text, source, forward_only = defaultdelivery.encode(), "control/defaultdelivery", False
+        # qmail-local ends the text with "\n" if it lacks one: an empty text is a blank line.
+        text = defaultdelivery.encode("utf-8", "surrogateescape") or b"\n"
+        source, forward_only = "control/defaultdelivery", False
     plan.instructions = dotqmail.parse(text, source, forward_only)
     return plan
 
@@ -223,8 +228,13 @@ def execute(
     forward: Forwarder | None,
     durable: Durability | None = None,
     rules: Rules | None = None,
+    passthrough: bool = False,
 ) -> Result:
-    """Carry out the plan as qmail-local does; the report is its output."""
+    """Carry out the plan as qmail-local does; the report is its output, cut as
+    qmail-lspawn cuts it. With `passthrough` (the qmail-local command) programs
+    write to our own fd 1 and 2 as qmail-local's do, and nothing is cut: the
+    report holds only our lines, and qmail-lspawn does the cutting."""
+    report = str if passthrough else _report
     rules = rules or Rules()
     durable = durable or FsyncEach()
     home = plan.target.home
@@ -235,14 +245,16 @@ def execute(
     stop = False
 
     def failed(text: str, permanent: bool = False) -> Result:
-        return Result("D" if permanent else "Z", _report("".join(output) + text + "\n"))
+        return Result("D" if permanent else "Z", report("".join(output) + text + "\n"))
 
     for ins in plan.instructions:
         if ins.kind == "fail":
             return failed(ins.value)
+        # qmail-local hands each line on as a C string: a NUL byte ends it.
+        value = ins.value.split("\0", 1)[0]
         if ins.kind in ("maildir", "mbox"):
             files += 1
-            path = home / ins.value
+            path = home / value
             if rules.confine and not _inside(home, path):
                 return failed(
                     f"Uh-oh: {ins.value} ({ins.source} line {ins.line}) is outside the home"
@@ -252,32 +264,32 @@ def execute(
                 if ins.kind == "maildir":
                     deliver_maildir(path, header, message, durable)
                 else:
-                    deliver_mbox(path, header, message, plan.ufline, ins.value)
+                    deliver_mbox(path, header, message, plan.ufline, value)
             except MailboxError as e:
                 return failed(e.text, e.permanent)
         elif ins.kind == "program":
             programs += 1
             if not rules.programs:
                 return failed(rules.why_no_programs)
-            code, text = run_program(ins.value, plan, message)
+            code, text = run_program(value, plan, message, capture=not passthrough)
             output.append(text)
             if code is None:
                 return failed("Aack, child crashed. (#4.3.0)")
             if code in PERMANENT_EXITS:
-                return Result("D", _report("".join(output)))
+                return Result("D", report("".join(output)))
             if code == 99:
                 stop = True
             elif code != 0:
-                return Result("Z", _report("".join(output)))
+                return Result("Z", report("".join(output)))
         else:
             forwards += 1
-            forward_to.append(ins.value)
+            forward_to.append(value)
         if stop:
             break
     qp = ""
     if forward_to and forward is None:
         done = f"did {files}+{forwards}+{programs}\n"
-        return Result("K", _report("".join(output) + done), (plan.newsender, tuple(forward_to)))
+        return Result("K", report("".join(output) + done), (plan.newsender, tuple(forward_to)))
     if forward_to and forward is not None:
         from core.queue import QueueError
 
@@ -287,20 +299,23 @@ def execute(
             return failed(f"Unable to forward message: {e.text}.", e.permanent)
         except OSError as e:
             return failed(f"Unable to forward message: {_reason(e)}. (#4.3.0)")
-    return Result("K", _report("".join(output) + f"did {files}+{forwards}+{programs}\n" + qp))
+    return Result("K", report("".join(output) + f"did {files}+{forwards}+{programs}\n" + qp))
 
 
-def run_program(command: str, plan: Plan, message: Message) -> tuple[int | None, str]:
+def run_program(
+    command: str, plan: Plan, message: Message, capture: bool = True
+) -> tuple[int | None, str]:
     """`/bin/sh -c command` in the home, the message on stdin; (exit code or None
-    if killed, its output)."""
+    if killed, its output: fd 1 and 2 together, or "" when not `capture`d and the
+    program wrote to ours)."""
     env = {**os.environ, **plan.env}
     with open_message(message) as stdin:
         try:
             proc = subprocess.run(
                 ["/bin/sh", "-c", command],
                 stdin=stdin,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
+                stdout=subprocess.PIPE if capture else None,
+                stderr=subprocess.STDOUT if capture else None,
                 cwd=plan.target.home,
                 env=env,
                 timeout=PROGRAM_TIMEOUT,
@@ -311,17 +326,18 @@ def run_program(command: str, plan: Plan, message: Message) -> tuple[int | None,
             return 111, out + "Timeout: the program ran for a day; it will be tried again.\n"
         except OSError as e:
             return 111, f"Unable to run /bin/sh: {_reason(e)}. (#4.3.0)\n"
-    text = proc.stdout.decode("utf-8", "surrogateescape")
+    text = (proc.stdout or b"").decode("utf-8", "surrogateescape")
     if proc.returncode < 0:
         return None, text
     return proc.returncode, text
 
 
 def _report(text: str) -> str:
-    """qmail-lspawn's cut: past 3000 bytes, 2966 of them and a note."""
-    data = text.encode("utf-8", "surrogateescape")
+    """qmail-lspawn's cut: the output up to its first NUL; past 3000 bytes, 2966
+    of them and a note."""
+    data = text.encode("utf-8", "surrogateescape").split(b"\0", 1)[0]
     if len(data) <= REPORT_MAX:
-        return text
+        return data.decode("utf-8", "surrogateescape")
     return data[:2966].decode("utf-8", "surrogateescape") + "\nError report too long, sorry.\n"
 
 
@@ -351,14 +367,14 @@ def qmail_local(
     return execute(plan, message, forward=forward, durable=durable, rules=rules)
 
 
-def describe(plan: Plan) -> list[str]:
-    """qmail-local -n: one line per instruction, then the counts."""
+def describe(plan: Plan) -> tuple[list[str], str | None]:
+    """qmail-local -n: one line per instruction, then the counts; or the lines
+    before a refused one (forward-only mode) and the refusal."""
     lines = list(plan.notes)
     files = forwards = programs = 0
     for ins in plan.instructions:
         if ins.kind == "fail":
-            lines.append(ins.value)
-            return lines
+            return lines, ins.value
         if ins.kind in ("maildir", "mbox"):
             files += 1
             lines.append(f"{ins.kind} {ins.value}")
@@ -369,7 +385,7 @@ def describe(plan: Plan) -> list[str]:
             forwards += 1
             lines.append(f"forward {ins.value}")
     lines.append(f"did {files}+{forwards}+{programs}")
-    return lines
+    return lines, None
 
 
 def _reason(e: OSError) -> str:
@@ -383,31 +399,97 @@ def _reason(e: OSError) -> str:
 USAGE = (
     "qmail-local: usage: qmail-local [ -nN ] user homedir local dash ext domain sender aliasempty"
 )
+# qmail.c's qmail_close(): what each exit code of qmail-queue means, letter first.
+QQ_EXITS = {
+    11: "Denvelope address too long for qq (#5.1.3)",
+    115: "Denvelope address too long for qq (#5.1.3)",
+    31: "Dmail server permanently rejected message (#5.3.0)",
+    51: "Zqq out of memory (#4.3.0)",
+    52: "Zqq timeout (#4.3.0)",
+    53: "Zqq write error or disk full (#4.3.0)",
+    54: "Zqq read error (#4.3.0)",
+    55: "Zqq unable to read configuration (#4.3.0)",
+    56: "Zqq trouble making network connection (#4.3.0)",
+    61: "Zqq trouble in home directory (#4.3.0)",
+    **dict.fromkeys((62, 63, 64, 65, 66), "Zqq trouble creating files in queue (#4.3.0)"),
+    71: "Zmail server temporarily rejected message (#4.3.0)",
+    72: "Zconnection to mail server timed out (#4.4.1)",
+    73: "Zconnection to mail server rejected (#4.4.1)",
+    74: "Zcommunication with mail server failed (#4.4.2)",
+    81: "Zqq internal bug (#4.3.0)",
+    91: "Zqq internal bug (#4.3.0)",
+    120: "Zunable to exec qq (#4.3.0)",
+}
+
+
+def run_qmail_queue(program: str, data: bytes, envelope: bytes) -> tuple[int, str]:
+    """qmail.c's qmail_open()..qmail_close(): run `program` in the qmail home
+    ($QMAILHOME) with the message on fd 0, the envelope on fd 1 and fd 6 open for
+    its own error text; return its pid (qmail-local's qp) and "" or the qq error,
+    letter first."""
+    message, envelope_pipe, errors = os.pipe(), os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child execs or exits
+        try:
+            os.dup2(message[0], 0)
+            os.dup2(envelope_pipe[0], 1)
+            os.dup2(errors[1], 6)
+            try:
+                os.chdir(default_root())
+            except OSError:
+                os._exit(61)
+            os.execv(program, [program])  # noqa: S606 - qmail-queue is run as qmail runs it
+        finally:
+            os._exit(120)
+    for fd in (message[0], envelope_pipe[0], errors[1]):
+        os.close(fd)
+    broken = False
+    for fd, chunk in ((message[1], data), (envelope_pipe[1], envelope)):
+        try:
+            if not broken:
+                _write_all(fd, chunk)
+        except OSError:
+            broken = True  # qmail_put's flagerr: qmail-queue stopped reading
+        finally:
+            os.close(fd)
+    with os.fdopen(errors[0], "rb") as f:
+        errstr = f.read(255).decode("utf-8", "surrogateescape")
+    _, wstat = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(wstat):
+        return pid, "Zqq crashed (#4.3.0)"
+    code = os.waitstatus_to_exitcode(wstat)
+    if code == 0:
+        return pid, "Zqq read error (#4.3.0)" if broken else ""
+    if code in QQ_EXITS:
+        return pid, QQ_EXITS[code]
+    if code == 82 and len(errstr) > 2:
+        return pid, errstr
+    if 11 <= code <= 40:
+        return pid, "Dqq permanent problem (#5.3.0)"
+    return pid, "Zqq temporary problem (#4.3.0)"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def forward_with_qmailqueue(dtline: bytes, message: Message, sender: str, rcpts: list[str]) -> int:
-    """Forward through $QMAILQUEUE (qmail-queue's fd 0/1 protocol), or the
-    queue of $QMAILHOME: what the command does when run alone."""
+    """Forward through $QMAILQUEUE as qmail-local does, or into the queue of
+    $QMAILHOME: what the command does when run alone."""
     from core.queue import Queue, QueueError, encode_envelope
 
     with open_message(message) as f:
         data = dtline + f.read()
     program = os.environ.get("QMAILQUEUE")
     if program:
-        read_env, write_env = os.pipe()
-        proc = subprocess.Popen([program], stdin=subprocess.PIPE, stdout=read_env, close_fds=True)
-        os.close(read_env)
-        assert proc.stdin is not None
-        proc.stdin.write(data)
-        proc.stdin.close()
         envelope = encode_envelope(0, 0, sender, rcpts).split(b"\0", 2)[2] + b"\0"
-        os.write(write_env, envelope)
-        os.close(write_env)
-        code = proc.wait()
-        if code != 0:
-            raise QueueError(f"qq exited {code}", permanent=11 <= code <= 40)
-        return proc.pid
-    from core.paths import QmailRoot, default_root
+        qp, error = run_qmail_queue(program, data, envelope)
+        if error:
+            raise QueueError(error[1:], permanent=error[0] == "D")
+        return qp
+    from core.paths import QmailRoot
 
     uid = os.getuid()
     return Queue(QmailRoot(default_root())).enqueue(
@@ -421,46 +503,68 @@ def forward_with_qmailqueue(dtline: bytes, message: Message, sender: str, rcpts:
     )
 
 
+def _say(stream: TextIO, text: str) -> None:
+    """Bytes out as they came in: program output need not be UTF-8."""
+    stream.flush()
+    stream.buffer.write(text.encode("utf-8", "surrogateescape"))
+    stream.buffer.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     dry_run = False
-    while args and args[0].startswith("-") and args[0] != "--":
-        for letter in args[0][1:]:
-            if letter == "n":
-                dry_run = True
-            elif letter == "N":
-                dry_run = False
-            else:
-                sys.stderr.write(USAGE + "\n")
+    while args and args[0].startswith("-") and args[0] != "-":  # qmail's sgetopt
+        option, args = args[0], args[1:]
+        if option.startswith("--"):
+            break  # "--" ends the options (subgetopt skips any "--..." word)
+        for letter in option[1:]:
+            if letter not in "nN":
+                _say(sys.stderr, f"qmail-local: illegal option -- {letter}\n{USAGE}\n")
                 return 100
-        args = args[1:]
-    if args and args[0] == "--":
-        args = args[1:]
+            dry_run = letter == "n"
     if len(args) != 8 or not args[1].startswith("/"):
-        sys.stderr.write(USAGE + "\n")
+        _say(sys.stderr, USAGE + "\n")
         return 100
     os.umask(0o077)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     user, home, local, dash, ext, host, sender, aliasempty = args
     target = Target(user, Path(home), local, dash, ext, host)
-    if dry_run:
+    try:
         try:
-            plan = prepare(target, sender, aliasempty, time.time(), dry_run=True)
-            finish_plan(plan, aliasempty)
-        except Failure as e:
-            sys.stderr.write(e.text + "\n")
-            return 100 if e.permanent else 111
-        for note in plan.notes:
-            sys.stderr.write(note + "\n")
-        plan.notes = []
-        sys.stdout.write("".join(line + "\n" for line in describe(plan)))
+            os.chdir(home)  # as qmail-local: programs, and qmail-queue's QMAILHOME, start here
+        except OSError as e:
+            raise Failure(f"Unable to switch to {home}: {_reason(e)}. (#4.3.0)") from e
+        plan = prepare(target, sender, aliasempty, time.time(), dry_run=dry_run)
+        plan.env["HOME"] = home  # as given: Path() drops a final "/" and "/./"
+        if not dry_run:
+            try:
+                if is_looping(0, plan.dtline):
+                    raise Failure(LOOPING, permanent=True)
+            except OSError as e:
+                raise Failure(f"Unable to read message: {_reason(e)}. (#4.3.0)") from e
+        finish_plan(plan, aliasempty)
+    except Failure as e:
+        _say(sys.stderr, e.text + "\n")
+        return 100 if e.permanent else 111
+    if dry_run:
+        notes, plan.notes = plan.notes, []  # qmail-local warns on stderr
+        lines, refused = describe(plan)
+        _say(sys.stderr, "".join(note + "\n" for note in notes))
+        _say(sys.stdout, "".join(line + "\n" for line in lines))
+        if refused:
+            _say(sys.stderr, refused + "\n")
+            return 111
         return 0
-    result = qmail_local(target, sender, aliasempty, 0, forward=forward_with_qmailqueue)
-    out = sys.stdout if result.ok else sys.stderr
-    out.write(result.text)
-    out.flush()
+    result = execute(plan, 0, forward=forward_with_qmailqueue, passthrough=True)
+    _say(sys.stdout if result.ok else sys.stderr, result.text)
     return {"K": 0, "D": 100}.get(result.status, 111)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    except Exception:
+        # Our bug: say so, but defer (111) rather than let exit 1 bounce the mail.
+        traceback.print_exc()
+        code = 111
+    sys.exit(code)

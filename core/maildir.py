@@ -13,11 +13,13 @@ import fcntl
 import itertools
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
+from core.dotqmail import TEMPORARY_ERRNOS
 from core.durable import Durability, FsyncEach
 from core.paths import is_same_file
 from core.timefmt import mbox_date
@@ -80,7 +82,16 @@ def deliver_maildir(
 ) -> str:
     """Deliver header + the message file into `maildir`; return the new/ name."""
     durable = durable or FsyncEach()
-    if not (maildir / "tmp").is_dir() or not (maildir / "new").is_dir():
+    # qmail-local's child chdirs to the maildir: only that failing is "Unable to
+    # chdir" (a temporary errno excepted); a missing tmp/ or new/ fails later, as a
+    # temporary error on maildir delivery.
+    try:
+        st = os.stat(maildir)
+    except OSError as e:
+        if e.errno in TEMPORARY_ERRNOS:
+            raise MailboxError("Temporary error on maildir delivery. (#4.3.0)") from e
+        raise MailboxError("Unable to chdir to maildir. (#4.2.1)") from e
+    if not stat.S_ISDIR(st.st_mode) or not os.access(maildir, os.X_OK):
         raise MailboxError("Unable to chdir to maildir. (#4.2.1)")
     for _ in range(3):
         name = unique_name(time.time())
