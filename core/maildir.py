@@ -148,10 +148,18 @@ def _mboxrd(f: BinaryIO) -> Iterable[bytes]:
 
 
 def deliver_mbox(
-    path: Path, header: bytes, message: Message, ufline: bytes, name: str | None = None
+    path: Path,
+    header: bytes,
+    message: Message,
+    ufline: bytes,
+    name: str | None = None,
+    durable: Durability | None = None,
 ) -> None:
     """Append UFLINE + header + the message (mboxrd) under an exclusive flock;
-    on error truncate back. `name` is how errors call the file (the .qmail line)."""
+    on error truncate back. `name` is how errors call the file (the .qmail line).
+    The sync happens under the lock, so a reader never sees a message that a
+    crash could still take back; with the core's group commit, deliveries to
+    different mailboxes share one sync."""
     name = name or str(path)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -163,7 +171,10 @@ def deliver_mbox(
         try:
             _write_all(fd, ufline + header)
             _copy(fd, message, _mboxrd)
-            os.fsync(fd)
+            if durable is None or isinstance(durable, FsyncEach):
+                os.fsync(fd)  # the fd we hold: the file may not be readable
+            else:
+                durable.sync([path], [])
         except OSError as e:
             if locked:
                 with contextlib.suppress(OSError):
