@@ -298,6 +298,15 @@ def format_explain(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# -- SMTP ------------------------------------------------------------------------
+
+
+def cmd_smtpd(args: argparse.Namespace) -> int:
+    from core import smtpstdio
+
+    return smtpstdio.serve(_root(args), os.environ)
+
+
 # -- inject ----------------------------------------------------------------------
 
 
@@ -379,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", action="store_true", help="ignored (a lone '.' never ends input)")
     p.add_argument("-n", action="store_true", help="print the message instead of queueing it")
     p.add_argument("recipients", nargs="*", metavar="RCPT")
+
+    command("smtpd", cmd_smtpd, "one SMTP session on standard input/output, like qmail-smtpd")
 
     q = command("queue", lambda a: 2, "list and act on the queue")
     qsub = q.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
