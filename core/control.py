@@ -45,6 +45,10 @@ INT_DEFAULTS = {
     # Not in qmail 1.03 (qmail-ldap's name): past this size a bounce carries only
     # the original's header. 0 attaches the whole message, as qmail 1.03 does.
     "bouncemaxbytes": 1_000_000,
+    # Not qmail's files but the install guides' (tcpserver -c): SMTP connections
+    # at once, and from one address (ours; tcpserver has no such limit).
+    "concurrencyincoming": 40,
+    "concurrencyperip": 20,
 }
 LIST_FILES = ("locals", "rcpthosts", "morercpthosts", "percenthack", "badmailfrom")
 COLON_FILES = ("virtualdomains", "smtproutes")
@@ -244,6 +248,8 @@ class Config:
     smtpgreeting: str | None
     defaultdelivery: tuple[str, ...]
     bouncemaxbytes: int = 1_000_000
+    concurrencyincoming: int = 40
+    concurrencyperip: int = 20
     problems: tuple[Problem, ...] = field(default=(), compare=False)
 
     @property
@@ -525,5 +531,7 @@ def load(root: QmailRoot) -> Config:
         smtpgreeting=lv("smtpgreeting"),
         defaultdelivery=_defaultdelivery(root, problems),
         bouncemaxbytes=iv("bouncemaxbytes"),
+        concurrencyincoming=max(1, iv("concurrencyincoming")),
+        concurrencyperip=max(1, iv("concurrencyperip")),
         problems=tuple(problems),
     )

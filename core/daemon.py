@@ -11,6 +11,7 @@ import errno
 import fcntl
 import os
 import signal
+import ssl
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,13 +23,15 @@ from core.controlsock import ControlSocket
 from core.durable import GroupCommit
 from core.errors import ExitCode, Problem, UserError
 from core.events import Events
+from core.listener import Limits, Rules, Settings, SmtpServer, tls_context
 from core.local import Result
 from core.log import Log
 from core.lspawn import Deliverer, LocalSpawner
 from core.paths import QmailRoot
-from core.queue import Queue
+from core.queue import Queue, QueueError
 from core.send import Send
 from core.service import Service
+from core.smtpd import Policy
 
 QUEUE_THREADS = 4
 ASSIGN_CHECK = 1.0  # seconds between looks at users/assign
@@ -55,6 +58,19 @@ def running_pid(root: QmailRoot) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+def queue_error(e: BaseException) -> str:
+    """qmail-queue's error string for a failure to queue: letter, then text."""
+    if isinstance(e, QueueError):
+        return ("D" if e.permanent else "Z") + e.text
+    return "Zqq write error or disk full (#4.3.0)"
+
+
+def smtp_rules(root: QmailRoot, log: Callable[[str], None]) -> Rules | None:
+    """Compile etc/tcp.smtp into its cdb (when it changed) and load the cdb;
+    a file with errors leaves the last good cdb in force."""
+    return None
 
 
 def check_root(root: QmailRoot) -> None:
@@ -117,8 +133,11 @@ class Core:
         clock: Clock | None = None,
         log_stderr: bool = False,
         ready: Callable[[str], None] | None = None,
+        smtp: tuple[str, int] | None = None,
     ) -> None:
         self.root = root
+        self.smtp_address = smtp  # where to listen; None: no SMTP listener
+        self.smtp: SmtpServer | None = None
         self.clock = clock or SystemClock()
         self.events = Events()
         self.log = Log(root.log, clock=self.clock, events=self.events, stderr=log_stderr)
@@ -150,6 +169,10 @@ class Core:
         self._config = new
         if self.spawner is not None:
             self.spawner.reload()
+        if self.smtp is not None:
+            settings = self._smtp_settings()
+            if settings is not None:
+                self.smtp.settings = settings
         self.log.line("info: configuration reloaded")
         self.events.publish("config-reloaded")
         if self.send is not None:
@@ -232,9 +255,10 @@ class Core:
         try:
             await self.send.load(cleanup=True)  # before anything else may write the queue
             await sock.start()
+            smtp = await self._start_smtp()
             self.started.set()
             if self._ready is not None:
-                self._ready("ready smtp=off pop3=off")
+                self._ready(f"ready smtp={smtp} pop3=off")
             watcher = asyncio.ensure_future(self._watch_assign())
             try:
                 await self.send.run(self._stopping)
@@ -246,11 +270,60 @@ class Core:
             loop.remove_reader(trigger[0])
             for fd in trigger:
                 os.close(fd)
+            if self.smtp is not None:
+                await self.smtp.close()
             await sock.close()
             await self.spawner.close()
             executor.shutdown(wait=True)
             durability.close()
             self.log.close()
+
+    async def _start_smtp(self) -> str:
+        """Start the listener; its address as the ready line gives it, or "off"."""
+        if self.smtp_address is None:
+            return "off"
+        settings = self._smtp_settings()
+        if settings is None:
+            return "off"
+        assert self.send is not None
+        send = self.send
+
+        async def enqueue(message: bytes, sender: str, recipients: list[str]) -> int:
+            return await send.enqueue(message, sender, recipients, invoked="invoked from network")
+
+        self.smtp = SmtpServer(settings, enqueue, self.log.line, queue_error)
+        host, port = self.smtp_address
+        try:
+            bound = await self.smtp.start(host, port)
+        except OSError as e:
+            raise UserError(f"unable to listen for SMTP on {host}:{port}: {e.strerror}") from e
+        return f"{bound[0]}:{bound[1]}"
+
+    def _smtp_settings(self) -> Settings | None:
+        """The listener's settings from the current configuration; None (and an
+        alert) when it must not listen: without rcpthosts qmail relays for all."""
+        config = self.config()
+        if config.rcpthosts is None:
+            self.log.line(
+                "alert: control/rcpthosts is missing: qmail would relay for every domain;"
+                " not listening for SMTP until it exists"
+            )
+            return None
+        tls = None
+        pem = self.root.control_file("servercert.pem")
+        if pem.exists():
+            try:
+                tls = tls_context(str(pem))
+            except (OSError, ssl.SSLError) as e:
+                self.log.line(f"alert: control/servercert.pem: {e}; STARTTLS not offered")
+        rules = smtp_rules(self.root, self.log.line)
+        return Settings(
+            Policy.from_config(config, tls=tls is not None),
+            rules,
+            Limits(config.concurrencyincoming, config.concurrencyperip),
+            config.me or "unknown",
+            tls,
+        )
 
     def _listen_trigger(self, loop: asyncio.AbstractEventLoop) -> tuple[int, int]:
         """Read lock/trigger; a writer of our own keeps it from reporting EOF forever."""

@@ -81,9 +81,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def ready(line: str) -> None:
         print(line, flush=True)
 
-    core = Core(_root(args), log_stderr=not args.quiet, ready=ready)
+    smtp = None if args.smtp == "off" else _address(args.smtp, "--smtp")
+    core = Core(_root(args), log_stderr=not args.quiet, ready=ready, smtp=smtp)
     _run_core(core)
     return 0
+
+
+def _address(text: str, option: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise UserError(f"{option} {text}: expected ADDRESS:PORT (or off)", ExitCode.USAGE)
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - the admin asked for it
 
 
 def _run_core(core: Any) -> None:
@@ -369,6 +377,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("serve", cmd_serve, "run the core in the foreground")
     p.add_argument("--quiet", action="store_true", help="log only to log/current")
+    as_root = os.geteuid() == 0
+    p.add_argument(
+        "--smtp",
+        metavar="ADDR:PORT",
+        default="0.0.0.0:25" if as_root else "127.0.0.1:2525",
+        help="where to listen for SMTP, or off (default: 0.0.0.0:25 as root, else 127.0.0.1:2525)",
+    )
+    p.add_argument(
+        "--pop3", metavar="ADDR:PORT", default="off", help="POP3 (not built yet: only off)"
+    )
     p = command("init", cmd_init, "create a qmail root")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--me", required=True, metavar="HOST", help="this host's name")

@@ -1,0 +1,333 @@
+"""The SMTP listener: tcpserver and qmail-smtpd in one asyncio server.
+
+Per connection, as `tcpserver -x etc/tcp.smtp.cdb` would: the tcp rules
+decide (a deny closes the connection without a word), the rule's variables
+(RELAYCLIENT, DATABYTES...) become the session's environment, and a
+connection over the limits (`concurrencyincoming`, tcpserver's -c, and
+`concurrencyperip`) gets a 421. The session itself is core/smtpd.py; here
+are only bytes in and out, timeouts, TLS and the hand-over of each message
+to the queue, whose 250 waits until the message is on disk.
+
+A plain asyncio.Protocol: the per-connection cost is what bounds messages
+per second on loopback, and streams would add a task and a buffer copy per
+command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from core.smtpd import Client, Close, Deliver, Policy, Session, StartTLS
+
+TOO_MANY = b"421 too many connections, try again later (#4.3.2)\r\n"
+TOO_MANY_FROM_YOU = b"421 too many connections from your address (#4.7.0)\r\n"
+PAUSE_AT = 1 << 20  # stop reading from a client whose unprocessed input passes this
+
+
+class Decision(Protocol):
+    @property
+    def allow(self) -> bool: ...
+
+    @property
+    def env(self) -> tuple[tuple[str, str], ...]: ...
+
+    @property
+    def key(self) -> str | None: ...
+
+
+class Rules(Protocol):
+    def lookup(self, ip: str, host: str | None = None, info: str | None = None) -> Decision: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    connections: int = 40
+    per_ip: int = 20
+
+
+Enqueue = Callable[[bytes, str, list[str]], Awaitable[int]]
+
+
+class Settings:
+    """What a new connection reads; replaced whole on reload."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        rules: Rules | None,
+        limits: Limits,
+        local: str,
+        tls: ssl.SSLContext | None,
+    ) -> None:
+        self.policy = policy
+        self.rules = rules
+        self.limits = limits
+        self.local = local
+        self.tls = tls
+
+
+class SmtpServer:
+    def __init__(
+        self,
+        settings: Settings,
+        enqueue: Enqueue,
+        log: Callable[[str], None],
+        queue_error: Callable[[BaseException], str],
+    ) -> None:
+        self.settings = settings
+        self.enqueue = enqueue
+        self.log = log
+        self.queue_error = queue_error  # an exception -> qmail-queue's "Dtext"/"Ztext"
+        self.sessions = 0
+        self.per_ip: dict[str, int] = {}
+        self._server: asyncio.Server | None = None
+        self._connections: set[SmtpConnection] = set()
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: SmtpConnection(self), host, port, backlog=512, reuse_address=True
+        )
+        sockname = self._server.sockets[0].getsockname()
+        return str(sockname[0]), int(sockname[1])
+
+    async def close(self) -> None:
+        """Stop accepting; sessions still talking get qmail's kind of goodbye."""
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self._connections):
+            connection.shutdown()
+        if self._server is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+
+    def admit(self, connection: SmtpConnection, ip: str) -> bytes | None:
+        """Count the connection in, or say why not (a 421)."""
+        limits = self.settings.limits
+        if self.sessions >= limits.connections:
+            return TOO_MANY
+        if self.per_ip.get(ip, 0) >= limits.per_ip:
+            return TOO_MANY_FROM_YOU
+        self.sessions += 1
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        self._connections.add(connection)
+        return None
+
+    def leave(self, connection: SmtpConnection, ip: str) -> None:
+        self._connections.discard(connection)
+        self.sessions -= 1
+        left = self.per_ip[ip] - 1
+        if left:
+            self.per_ip[ip] = left
+        else:
+            del self.per_ip[ip]
+
+
+def client_env(
+    settings: Settings, ip: str, port: int, local_ip: str, local_port: int
+) -> tuple[dict[str, str], Decision | None]:
+    """tcpserver's environment for a connection, and the rule that shaped it."""
+    env = {
+        "PROTO": "TCP",
+        "TCPREMOTEIP": ip,
+        "TCPREMOTEPORT": str(port),
+        "TCPLOCALIP": local_ip,
+        "TCPLOCALPORT": str(local_port),
+        "TCPLOCALHOST": settings.local,
+    }
+    decision = settings.rules.lookup(ip) if settings.rules is not None else None
+    if decision is not None:
+        env.update(decision.env)
+    return env, decision
+
+
+class SmtpConnection(asyncio.Protocol):
+    def __init__(self, server: SmtpServer) -> None:
+        self.server = server
+        self.settings = server.settings
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self.ip = ""
+        self.counted = False
+        self.busy = False  # a message is being queued, or TLS is starting
+        self.paused = False
+        self.last = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Future[None] | None = None  # a delivery or TLS start in progress
+
+    # -- asyncio's side ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername") or ("unknown", 0)
+        sock = transport.get_extra_info("sockname") or ("unknown", 0)
+        self.ip = _plain_ip(str(peer[0]))
+        env, decision = client_env(
+            self.settings, self.ip, int(peer[1]), _plain_ip(str(sock[0])), int(sock[1])
+        )
+        if decision is not None and not decision.allow:
+            self.server.log(f"tcpserver: deny {self.ip} by rule {decision.key!r}")
+            transport.abort()
+            return
+        refusal = self.server.admit(self, self.ip)
+        if refusal is not None:
+            self.server.log(f"tcpserver: {refusal[4:-2].decode()}: {self.ip}")
+            transport.write(refusal)
+            transport.close()
+            return
+        self.counted = True
+        policy = self.settings.policy
+        if self.settings.tls is None and policy.tls:
+            policy = _without_tls(policy)
+        self.session = Session(policy, Client.from_env(env))
+        self.session.start()
+        self._flush()
+        loop = asyncio.get_running_loop()
+        self.last = loop.time()
+        self.timer = loop.call_later(policy.timeout, self._idle)
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        if session is None or session.closed:
+            return
+        if self.busy and isinstance(self._pending, StartTLS):
+            return  # sent in the clear after STARTTLS: never read as a command
+        self.last = asyncio.get_running_loop().time()
+        session.feed(data)
+        if self.busy:
+            if len(session.buf) > PAUSE_AT and not self.paused and self.transport is not None:
+                self.transport.pause_reading()
+                self.paused = True
+            return
+        self._pump()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.counted:
+            self.counted = False
+            self.server.leave(self, self.ip)
+        if self.session is not None:
+            self.session.closed = True
+
+    def shutdown(self) -> None:
+        """The core is stopping: tell a client that is not mid-message, and go."""
+        if self.transport is None or self.session is None or self.busy:
+            return
+        greeting = self.settings.policy.greeting.encode("utf-8", "surrogateescape")
+        self.transport.write(b"421 " + greeting + b" closing connection\r\n")
+        self.transport.close()
+
+    # -- the session's side ----------------------------------------------------------
+
+    _pending: object = None
+
+    def _pump(self) -> None:
+        session = self.session
+        assert session is not None
+        action = session.step()
+        if isinstance(action, Deliver):
+            self.busy = True
+            self._pending = action
+            self.task = asyncio.ensure_future(self._deliver(action))
+            return
+        self._flush()
+        if isinstance(action, Close) or session.closed:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if isinstance(action, StartTLS):
+            self.busy = True
+            self._pending = action
+            self.task = asyncio.ensure_future(self._start_tls())
+
+    def _flush(self) -> None:
+        session = self.session
+        if session is not None and session.out and self.transport is not None:
+            self.transport.write(bytes(session.out))
+            session.out.clear()
+
+    async def _deliver(self, action: Deliver) -> None:
+        session = self.session
+        assert session is not None
+        try:
+            msgid = await self.server.enqueue(action.message, action.sender, action.recipients)
+        except Exception as e:  # a failure to queue is a 451 (or 554), never a lost message
+            session.queued(None, self.server.queue_error(e))
+        else:
+            session.queued(msgid)
+        self._resume()
+
+    async def _start_tls(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.transport is not None
+        assert self.settings.tls is not None
+        try:
+            transport = await loop.start_tls(
+                self.transport,
+                self,
+                self.settings.tls,
+                server_side=True,
+                ssl_handshake_timeout=min(self.settings.policy.timeout, 60),
+            )
+        except (TimeoutError, OSError, ssl.SSLError) as e:
+            self.server.log(f"tcpserver: TLS handshake with {self.ip} failed: {e}")
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if transport is None:
+            return
+        self.transport = transport
+        assert self.session is not None
+        self.session.tls_started()
+        self._resume()
+
+    def _resume(self) -> None:
+        self.busy = False
+        self._pending = None
+        self.last = asyncio.get_running_loop().time()
+        if self.session is None or self.transport is None or self.transport.is_closing():
+            return
+        if self.paused:
+            self.paused = False
+            self.transport.resume_reading()
+        self._pump()
+
+    def _idle(self) -> None:
+        """qmail-smtpd's timeoutsmtpd: a client silent for that long gets a 451."""
+        loop = asyncio.get_running_loop()
+        timeout = self.settings.policy.timeout
+        if self.session is None or self.transport is None or self.transport.is_closing():
+            return
+        waited = loop.time() - self.last
+        if self.busy or waited < timeout:
+            self.timer = loop.call_later(timeout - waited if not self.busy else timeout, self._idle)
+            return
+        self.session.timed_out()
+        self._flush()
+        self.transport.close()
+
+
+def _plain_ip(text: str) -> str:
+    """IPv4 as tcpserver writes it, also when it came as ::ffff:a.b.c.d."""
+    return text[7:] if text.startswith("::ffff:") and "." in text else text
+
+
+def _without_tls(policy: Policy) -> Policy:
+    from dataclasses import replace
+
+    return replace(policy, tls=False)
+
+
+def tls_context(pem: str) -> ssl.SSLContext:
+    """control/servercert.pem holds the certificate and its key, as the qmail TLS
+    patch keeps them."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certfile=pem)
+    return context
