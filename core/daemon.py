@@ -11,7 +11,6 @@ import errno
 import fcntl
 import os
 import signal
-import ssl
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +22,7 @@ from core.controlsock import ControlSocket
 from core.durable import GroupCommit
 from core.errors import ExitCode, Problem, UserError
 from core.events import Events
-from core.listener import Limits, Rules, Settings, SmtpServer, tls_context
+from core.listener import Settings, SmtpServer, settings_for
 from core.local import Result
 from core.log import Log
 from core.lspawn import Deliverer, LocalSpawner
@@ -31,7 +30,6 @@ from core.paths import QmailRoot
 from core.queue import Queue, QueueError
 from core.send import Send
 from core.service import Service
-from core.smtpd import Policy
 
 QUEUE_THREADS = 4
 ASSIGN_CHECK = 1.0  # seconds between looks at users/assign
@@ -65,12 +63,6 @@ def queue_error(e: BaseException) -> str:
     if isinstance(e, QueueError):
         return ("D" if e.permanent else "Z") + e.text
     return "Zqq write error or disk full (#4.3.0)"
-
-
-def smtp_rules(root: QmailRoot, log: Callable[[str], None]) -> Rules | None:
-    """Compile etc/tcp.smtp into its cdb (when it changed) and load the cdb;
-    a file with errors leaves the last good cdb in force."""
-    return None
 
 
 def check_root(root: QmailRoot) -> None:
@@ -300,30 +292,7 @@ class Core:
         return f"{bound[0]}:{bound[1]}"
 
     def _smtp_settings(self) -> Settings | None:
-        """The listener's settings from the current configuration; None (and an
-        alert) when it must not listen: without rcpthosts qmail relays for all."""
-        config = self.config()
-        if config.rcpthosts is None:
-            self.log.line(
-                "alert: control/rcpthosts is missing: qmail would relay for every domain;"
-                " not listening for SMTP until it exists"
-            )
-            return None
-        tls = None
-        pem = self.root.control_file("servercert.pem")
-        if pem.exists():
-            try:
-                tls = tls_context(str(pem))
-            except (OSError, ssl.SSLError) as e:
-                self.log.line(f"alert: control/servercert.pem: {e}; STARTTLS not offered")
-        rules = smtp_rules(self.root, self.log.line)
-        return Settings(
-            Policy.from_config(config, tls=tls is not None),
-            rules,
-            Limits(config.concurrencyincoming, config.concurrencyperip),
-            config.me or "unknown",
-            tls,
-        )
+        return settings_for(self.root, self.config(), self.log.line)
 
     def _listen_trigger(self, loop: asyncio.AbstractEventLoop) -> tuple[int, int]:
         """Read lock/trigger; a writer of our own keeps it from reporting EOF forever."""

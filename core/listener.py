@@ -20,28 +20,15 @@ import contextlib
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
 
+from core.control import Config
+from core.paths import QmailRoot
 from core.smtpd import Client, Close, Deliver, Policy, Session, StartTLS
+from core.tcprules import Decision, RulesError, RulesFile, compile_and_swap
 
 TOO_MANY = b"421 too many connections, try again later (#4.3.2)\r\n"
 TOO_MANY_FROM_YOU = b"421 too many connections from your address (#4.7.0)\r\n"
 PAUSE_AT = 1 << 20  # stop reading from a client whose unprocessed input passes this
-
-
-class Decision(Protocol):
-    @property
-    def allow(self) -> bool: ...
-
-    @property
-    def env(self) -> tuple[tuple[str, str], ...]: ...
-
-    @property
-    def key(self) -> str | None: ...
-
-
-class Rules(Protocol):
-    def lookup(self, ip: str, host: str | None = None, info: str | None = None) -> Decision: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +46,7 @@ class Settings:
     def __init__(
         self,
         policy: Policy,
-        rules: Rules | None,
+        rules: RulesFile | None,
         limits: Limits,
         local: str,
         tls: ssl.SSLContext | None,
@@ -140,7 +127,7 @@ def client_env(
         "TCPLOCALPORT": str(local_port),
         "TCPLOCALHOST": settings.local,
     }
-    decision = settings.rules.lookup(ip) if settings.rules is not None else None
+    decision = settings.rules.current().lookup(ip) if settings.rules is not None else None
     if decision is not None:
         env.update(decision.env)
     return env, decision
@@ -168,9 +155,14 @@ class SmtpConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername") or ("unknown", 0)
         sock = transport.get_extra_info("sockname") or ("unknown", 0)
         self.ip = _plain_ip(str(peer[0]))
-        env, decision = client_env(
-            self.settings, self.ip, int(peer[1]), _plain_ip(str(sock[0])), int(sock[1])
-        )
+        try:
+            env, decision = client_env(
+                self.settings, self.ip, int(peer[1]), _plain_ip(str(sock[0])), int(sock[1])
+            )
+        except (RulesError, OSError) as e:  # tcpserver drops the connection too
+            self.server.log(f"alert: unable to read etc/tcp.smtp.cdb: {e}; dropped {self.ip}")
+            transport.abort()
+            return
         if decision is not None and not decision.allow:
             self.server.log(f"tcpserver: deny {self.ip} by rule {decision.key!r}")
             transport.abort()
@@ -331,3 +323,46 @@ def tls_context(pem: str) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(certfile=pem)
     return context
+
+
+def smtp_rules(root: QmailRoot, log: Callable[[str], None]) -> RulesFile:
+    """Compile etc/tcp.smtp into etc/tcp.smtp.cdb, as the admin's `tcprules`
+    would; a file with errors leaves the last good cdb in force, and says why."""
+    cdb = root.tcp_smtp.with_name("tcp.smtp.cdb")
+    for problem in compile_and_swap(root.tcp_smtp, cdb):
+        if problem.is_error:
+            log(f"alert: {problem.format(root.path)}; keeping the last good etc/tcp.smtp.cdb")
+        else:
+            log(f"warning: {problem.format(root.path)}")
+    return RulesFile(cdb)
+
+
+def settings_for(
+    root: QmailRoot, config: Config, log: Callable[[str], None], compile_rules: bool = True
+) -> Settings | None:
+    """The listener's settings from a configuration; None (and an alert) when
+    it must not listen: without rcpthosts qmail relays for every domain."""
+    if config.rcpthosts is None:
+        log(
+            "alert: control/rcpthosts is missing: qmail would relay for every domain;"
+            " not listening for SMTP until it exists"
+        )
+        return None
+    tls = None
+    pem = root.control_file("servercert.pem")
+    if pem.exists():
+        try:
+            tls = tls_context(str(pem))
+        except (OSError, ssl.SSLError) as e:
+            log(f"alert: control/servercert.pem: {e}; STARTTLS not offered")
+    if compile_rules:
+        rules = smtp_rules(root, log)
+    else:
+        rules = RulesFile(root.tcp_smtp.with_name("tcp.smtp.cdb"))
+    return Settings(
+        Policy.from_config(config, tls=tls is not None),
+        rules,
+        Limits(config.concurrencyincoming, config.concurrencyperip),
+        config.me or "unknown",
+        tls,
+    )

@@ -167,6 +167,25 @@ class Service:
         result = await self.send.io(explain, self.root, self.config(), address)
         return result.as_dict()
 
+    async def op_smtpcheck(self, args: dict[str, Any]) -> dict[str, Any]:
+        from core.smtpcheck import smtpcheck
+
+        ip, helo, sender = args.get("ip"), args.get("helo"), args.get("from")
+        rcpts = args.get("to")
+        if not isinstance(ip, str) or not ip or not isinstance(sender, str):
+            raise ServiceError("bad-request", "smtpcheck needs ip and from")
+        if not isinstance(rcpts, list) or not all(isinstance(r, str) for r in rcpts):
+            raise ServiceError("bad-request", "smtpcheck needs to: a list of addresses")
+        if helo is not None and not isinstance(helo, str):
+            raise ServiceError("bad-request", "helo must be a string")
+        texts = [ip, sender, *rcpts, helo or ""]
+        if any("\n" in t or "\r" in t or "\0" in t for t in texts):
+            raise ServiceError("bad-request", "no line breaks or NULs in smtpcheck's arguments")
+        result = await self.send.io(
+            smtpcheck, self.root, self.config(), ip, helo, sender, list(rcpts)
+        )
+        return result.as_dict()
+
     async def op_retry_all(self, args: dict[str, Any]) -> dict[str, Any]:
         self.send.retry_all()
         return {"ok": True}

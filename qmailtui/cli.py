@@ -315,6 +315,34 @@ def cmd_smtpd(args: argparse.Namespace) -> int:
     return smtpstdio.serve(_root(args), os.environ)
 
 
+def cmd_smtpcheck(args: argparse.Namespace) -> int:
+    from qmailtui.client import connect
+
+    async def go() -> int:
+        async with connect(_root(args)) as client:
+            result = await client.call(
+                "smtpcheck", ip=args.ip, helo=args.helo, to=args.to, **{"from": args.sender}
+            )
+        if args.json:
+            print(json.dumps(result, ensure_ascii=False, indent=2))
+            return 0
+        print(format_smtpcheck(result))
+        return 0
+
+    return _run(go())
+
+
+def format_smtpcheck(result: dict[str, Any]) -> str:
+    lines = [f"{result['ip']}: {result['outcome']}"]
+    marks = {"info": " ", "warning": "!", "error": "x"}
+    for step in result["steps"]:
+        where = ""
+        if step["file"]:
+            where = f"  [{step['file']}" + (f":{step['line']}" if step["line"] else "") + "]"
+        lines.append(f"{marks.get(step['level'], ' ')} {step['text']}{where}")
+    return "\n".join(lines)
+
+
 # -- inject ----------------------------------------------------------------------
 
 
@@ -407,6 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", action="store_true", help="print the message instead of queueing it")
     p.add_argument("recipients", nargs="*", metavar="RCPT")
 
+    p = command("smtpcheck", cmd_smtpcheck, "what the SMTP listener would answer a client at IP")
+    p.add_argument("ip", metavar="IP")
+    p.add_argument("--helo", metavar="H", help="the HELO/EHLO argument")
+    p.add_argument("--from", dest="sender", metavar="S", required=True, help="envelope sender")
+    p.add_argument("--to", nargs="+", required=True, metavar="R", help="recipients")
+    p.add_argument("--json", action="store_true")
     command("smtpd", cmd_smtpd, "one SMTP session on standard input/output, like qmail-smtpd")
 
     q = command("queue", lambda a: 2, "list and act on the queue")

@@ -80,8 +80,22 @@ def run_demo(root_arg: str | None) -> int:
     print(f"demo root: {root.path}  (stop with Ctrl-C)", file=sys.stderr)
     from core.daemon import Core
 
-    core = Core(root, log_stderr=True, ready=lambda line: print(line, flush=True))
+    core = Core(
+        root, log_stderr=True, ready=lambda line: print(line, flush=True), smtp=_demo_smtp()
+    )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(core.run())
     print(f"alice's mail: {root.path}/home/alice/Maildir/new/", file=sys.stderr)
     return 0
+
+
+def _demo_smtp() -> tuple[str, int]:
+    """127.0.0.1:2525 for the demo's SMTP, or any free port if that one is taken."""
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", 2525))
+        except OSError:
+            return ("127.0.0.1", 0)
+    return ("127.0.0.1", 2525)

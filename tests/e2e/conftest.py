@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from core.paths import QmailRoot
+from tests.processes import serve_options
 
 
 def qmailtui(
@@ -36,7 +37,7 @@ class Server:
     def __init__(self, root: QmailRoot) -> None:
         self.root = root
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qmailtui", "serve", "--root", str(root.path)],
+            [sys.executable, "-m", "qmailtui", "serve", "--root", str(root.path), *serve_options()],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
