@@ -425,7 +425,8 @@ class Send:
             return msgid, self.queue.message_size(msgid)
 
         msgid, size = await self.io(write)
-        message_ = Message(msgid, sender, now, size, uid, pid)
+        # qp: qmail logs qmail-queue's pid, the number its 250 gives; ours gives the id
+        message_ = Message(msgid, sender, now, size, uid, qp=msgid)
         for channel in CHANNELS:
             offset = 0
             for address in split[channel]:

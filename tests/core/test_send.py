@@ -115,7 +115,7 @@ async def test_message_for_an_assigned_user_lands_in_maildir_and_is_removed(
     log = harness.log()
     assert f"new msg {msgid}" in log
     size = len(data) - 66  # Return-Path and Delivered-To are not in the queued message
-    info = f"info msg {msgid}: bytes {size} from <bob@example.com> qp {os.getpid()}"
+    info = f"info msg {msgid}: bytes {size} from <bob@example.com> qp {msgid}"
     assert f"{info} uid {os.getuid()}" in log
     assert any(
         line.startswith("starting delivery ")
