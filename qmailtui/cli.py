@@ -420,6 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--me", required=True, metavar="HOST", help="this host's name")
     p.add_argument("--force", action="store_true", help="complete an existing root")
     command("check", cmd_check, "validate the configuration")
+    for name, help_text in (
+        ("tcprules", "compile tcp rules like ucspi-tcp's tcprules: tcprules CDB TMP < RULES"),
+        ("tcprulescheck", "the rule for a connection, like tcprulescheck: CDB [IP [HOST]]"),
+    ):
+        sub.add_parser(name, help=help_text, add_help=False)  # main() runs them before argparse
     command("qstat", cmd_qstat, "count the messages in the queue, like qmail-qstat")
     p = command("maildirmake", cmd_maildirmake, "create a Maildir")
     p.add_argument("dir", metavar="DIR")
@@ -479,6 +484,13 @@ def main(argv: list[str] | None = None) -> int:
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
+    raw = sys.argv[1:] if argv is None else argv
+    if raw[:1] in (["tcprules"], ["tcprulescheck"]):
+        # ucspi-tcp's own argument conventions, bytes and exit codes: no argparse, no --root.
+        from qmailtui.tcprulescmd import tcprules_main, tcprulescheck_main
+
+        run = tcprules_main if raw[0] == "tcprules" else tcprulescheck_main
+        return run(raw[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
