@@ -334,6 +334,24 @@ def check(root: QmailRoot) -> list[Problem]:
     problems += _dotqmail_files(root.alias, "alias user")
     problems += _stale(root, has_assignments=bool(assignments))
     problems += _defaultdelivery(root)
+    problems += _tcp_rules(root)
+    return problems
+
+
+def _tcp_rules(root: QmailRoot) -> list[Problem]:
+    """Bad lines in etc/tcp.* with their line numbers (tcprules would refuse the file)."""
+    from core.tcprules import parse_rules
+
+    problems: list[Problem] = []
+    for path in (root.tcp_smtp, root.tcp_pop3):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            problems.append(Problem(path, None, f"unable to read: {e.strerror or e}"))
+            continue
+        problems += parse_rules(data, path)[1]
     return problems
 
 

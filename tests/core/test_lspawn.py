@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import time
 
@@ -66,7 +67,8 @@ async def test_a_child_that_dies_defers_what_it_held_and_a_new_one_takes_over(
         while not lost:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.02)
-        assert "lspawn exited with status -9" in lost[0]
+        # -9; or 255 when asyncio's child watcher finds the pid already reaped
+        assert re.search(r"lspawn exited with status (-9|255)$", lost[0]), lost
         after = await spawner.deliver("carol@mx.example.org", "a@b.test", queued(root, "x"), 0.0)
     finally:
         await spawner.close()
