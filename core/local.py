@@ -264,7 +264,7 @@ def execute(
                 if ins.kind == "maildir":
                     deliver_maildir(path, header, message, durable)
                 else:
-                    deliver_mbox(path, header, message, plan.ufline, value, durable)
+                    deliver_mbox(path, header, message, plan.ufline, value)
             except MailboxError as e:
                 return failed(e.text, e.permanent)
         elif ins.kind == "program":

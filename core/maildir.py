@@ -153,13 +153,15 @@ def deliver_mbox(
     message: Message,
     ufline: bytes,
     name: str | None = None,
-    durable: Durability | None = None,
 ) -> None:
     """Append UFLINE + header + the message (mboxrd) under an exclusive flock;
     on error truncate back. `name` is how errors call the file (the .qmail line).
-    The sync happens under the lock, so a reader never sees a message that a
-    crash could still take back; with the core's group commit, deliveries to
-    different mailboxes share one sync."""
+
+    The fsync of this one file happens under the lock, as qmail's does: a
+    reader never sees a message a crash could take back, and a failed sync can
+    still be truncated away. Not the group commit: a syncfs flushes the whole
+    file system, and held under the lock it made every delivery to a busy
+    mailbox wait for everyone's writes (under load, past the 30 s lock wait)."""
     name = name or str(path)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -171,10 +173,7 @@ def deliver_mbox(
         try:
             _write_all(fd, ufline + header)
             _copy(fd, message, _mboxrd)
-            if durable is None or isinstance(durable, FsyncEach):
-                os.fsync(fd)  # the fd we hold: the file may not be readable
-            else:
-                durable.sync([path], [])
+            os.fsync(fd)
         except OSError as e:
             if locked:
                 with contextlib.suppress(OSError):

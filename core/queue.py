@@ -170,11 +170,12 @@ class Record:
 class _Draft:
     """A message being queued: its id, its pid/ file, and every file made so far."""
 
-    __slots__ = ("made", "msgid", "temp")
+    __slots__ = ("made", "msgid", "qp", "temp")
 
     def __init__(self, msgid: int, temp: Path) -> None:
         self.msgid = msgid
         self.temp = temp
+        self.qp = 0  # the number in the Received line and the `p` record
         self.made: list[Path] = []
 
 
@@ -277,14 +278,18 @@ class Queue:
         pid: int,
         invoked: str,
         now: float,
+        qp_is_id: bool = False,
     ) -> int:
         """Queue a message durably and return its id; S1 -> S4 (queue.md §6.1).
 
         Raises QueueError with qmail-queue's wording. On a write error
         everything made so far is removed again: nothing half-written stays.
+        With `qp_is_id` the Received line and the `p` record carry the message
+        id instead of the pid (qmail's qp, which one SMTP session's several
+        messages each need their own of).
         """
-        envelope = encode_envelope(uid, pid, sender, recipients)
-        with self._writing(message, [sender, *recipients], pid, invoked, now) as draft:
+        with self._writing(message, [sender, *recipients], pid, invoked, now, qp_is_id) as draft:
+            envelope = encode_envelope(uid, draft.qp, sender, recipients)
             intd = self.root.intd(draft.msgid)
             efd = self._open_new(intd)
             draft.made.append(intd)
@@ -372,7 +377,13 @@ class Queue:
 
     @contextlib.contextmanager
     def _writing(
-        self, message: bytes, addresses: list[str], pid: int, invoked: str, now: float
+        self,
+        message: bytes,
+        addresses: list[str],
+        pid: int,
+        invoked: str,
+        now: float,
+        qp_is_id: bool = False,
     ) -> Iterator[_Draft]:
         """A new message's id and its file in pid/, written (not yet durable) and
         flocked; on any error, everything the block made is removed again."""
@@ -383,13 +394,14 @@ class Queue:
         except OSError as e:
             raise _queue_error(e) from e
         draft = _Draft(msgid, self.dir / "pid" / f"{pid}.{int(now)}.{msgid}")
+        draft.qp = msgid if qp_is_id else pid
         fd = -1
         try:
             fd = self._open_new(draft.temp)
             draft.made.append(draft.temp)
             # Held until we are done: cleanup_orphans never takes a file being written.
             fcntl.flock(fd, fcntl.LOCK_EX)
-            _write_all(fd, received_line(pid, invoked, now))
+            _write_all(fd, received_line(draft.qp, invoked, now))
             _write_all(fd, message)
             yield draft
         except QueueError:
@@ -496,6 +508,7 @@ class Queue:
         pid: int,
         invoked: str,
         now: float,
+        qp_is_id: bool = False,
     ) -> int:
         """Queue a message already split into channels (the core preprocesses what
         it receives itself, so todo/ is skipped); return its id once durable.
@@ -506,7 +519,8 @@ class Queue:
         cleanup_orphans removes it, as it removes mess or channel files without
         info.
         """
-        with self._writing(message, [sender, *local, *remote], pid, invoked, now) as draft:
+        addresses = [sender, *local, *remote]
+        with self._writing(message, addresses, pid, invoked, now, qp_is_id) as draft:
             msgid = draft.msgid
             channels = []
             for channel, rcpts in zip(CHANNELS, (local, remote), strict=True):

@@ -421,6 +421,7 @@ class Send:
                 pid=pid,
                 invoked=invoked,
                 now=now,
+                qp_is_id=True,
             )
             return msgid, self.queue.message_size(msgid)
 

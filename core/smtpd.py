@@ -70,10 +70,18 @@ class Client:
             remoteip=env.get("TCPREMOTEIP", "unknown"),
             remotehost=env.get("TCPREMOTEHOST", "unknown"),
             remoteinfo=env.get("TCPREMOTEINFO"),
-            local=env.get("TCPLOCALHOST") or env.get("TCPLOCALIP") or "unknown",
+            local=_first_set(env, "TCPLOCALHOST", "TCPLOCALIP", default="unknown"),
             relayclient=env.get("RELAYCLIENT"),
             databytes=databytes,
         )
+
+
+def _first_set(env: Mapping[str, str], *names: str, default: str) -> str:
+    """The first variable that is set, even to "" (qmail's env_get)."""
+    for name in names:
+        if name in env:
+            return env[name]
+    return default
 
 
 def _scan_ulong(text: str) -> int:

@@ -38,8 +38,11 @@ def _write(fd: int, data: bytes | bytearray) -> bool:
 def policy_for(root: QmailRoot) -> tuple[Policy | None, str]:
     """The policy, or None and why not (one line, naming the file)."""
     config = control.load(root)
-    if config.errors:
-        return None, config.errors[0].format(root.path)
+    errors = config.errors
+    if config.smtpgreeting is not None:  # qmail-smtpd needs me only for the greeting
+        errors = [p for p in errors if p.path != root.control_file("me")]
+    if errors:
+        return None, errors[0].format(root.path)
     if config.rcpthosts is None:
         return None, (
             "control/rcpthosts is missing: qmail would accept mail for every domain"
@@ -73,6 +76,7 @@ def serve(root: QmailRoot, env: Mapping[str, str], infd: int = 0, outfd: int = 1
                     pid=os.getpid(),
                     invoked="invoked from network",
                     now=time.time(),
+                    qp_is_id=True,
                 )
             except QueueError as e:
                 session.queued(None, ("D" if e.permanent else "Z") + e.text)
