@@ -130,6 +130,7 @@ class Core:
         self.root = root
         self.smtp_address = smtp  # where to listen; None: no SMTP listener
         self.smtp: SmtpServer | None = None
+        self._late: asyncio.Future[None] | None = None  # a listener starting after a reload
         self.clock = clock or SystemClock()
         self.events = Events()
         self.log = Log(root.log, clock=self.clock, events=self.events, stderr=log_stderr)
@@ -165,6 +166,9 @@ class Core:
             settings = self._smtp_settings()
             if settings is not None:
                 self.smtp.settings = settings
+        elif self.smtp_address is not None and self.send is not None and self._late is None:
+            # The listener was held back (no rcpthosts): it may start now.
+            self._late = asyncio.ensure_future(self._start_smtp_late())
         self.log.line("info: configuration reloaded")
         self.events.publish("config-reloaded")
         if self.send is not None:
@@ -270,6 +274,18 @@ class Core:
             durability.close()
             self.log.close()
 
+    async def _start_smtp_late(self) -> None:
+        try:
+            where = await self._start_smtp()
+        except UserError as e:
+            self.smtp = None
+            self.log.line(f"alert: {e}")
+        else:
+            if where != "off":
+                self.log.line(f"info: listening for SMTP on {where}")
+        finally:
+            self._late = None
+
     async def _start_smtp(self) -> str:
         """Start the listener; its address as the ready line gives it, or "off"."""
         if self.smtp_address is None:
@@ -288,6 +304,7 @@ class Core:
         try:
             bound = await self.smtp.start(host, port)
         except OSError as e:
+            self.smtp = None
             raise UserError(f"unable to listen for SMTP on {host}:{port}: {e.strerror}") from e
         return f"{bound[0]}:{bound[1]}"
 
