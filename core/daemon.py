@@ -19,7 +19,7 @@ from core import control, users
 from core.clock import Clock, SystemClock
 from core.control import Config
 from core.controlsock import ControlSocket
-from core.durable import GroupCommit
+from core.durable import GroupCommit, LoopGroupCommit
 from core.errors import ExitCode, Problem, UserError
 from core.events import Events
 from core.listener import Settings, SmtpServer, settings_for
@@ -244,6 +244,7 @@ class Core:
             executor=executor,
             spawner=self.spawner,
         )
+        self.send.syncer = syncer = LoopGroupCommit(loop, durability)
         self.service = Service(self.root, self.send, self.config, self.clock)
         sock = ControlSocket(self.root.control_socket, self.service)
         trigger = self._listen_trigger(loop)
@@ -271,6 +272,7 @@ class Core:
             await sock.close()
             await self.spawner.close()
             executor.shutdown(wait=True)
+            syncer.close()
             durability.close()
             self.log.close()
 

@@ -23,7 +23,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Durability(Protocol):
@@ -144,3 +144,71 @@ class GroupCommit:
             for device in self._devices.values():
                 os.close(device.fd)
             self._devices.clear()
+
+
+class LoopGroupCommit:
+    """Group commit for writers on an event loop: one thread runs syncfs for
+    every writer waiting at that moment and wakes them all with one hand-off.
+
+    The running core writes queue files on its event loop (each file op takes
+    microseconds) and only the sync blocks; handing every message's writes to
+    a worker thread cost more in thread switches (futex and GIL hand-offs, a
+    third of the core's CPU) than the writes themselves. A waiter asks after its
+    writes are done; the batch it joins is taken, and its syncfs begun, after
+    that: nobody is told "durable" by a sync that began before its write.
+    """
+
+    def __init__(self, loop: Any, fallback: GroupCommit) -> None:
+        self._loop = loop
+        self._fallback = fallback  # no syncfs here: fsync each file, in the thread
+        self._cond = threading.Condition()
+        self._waiting: list[tuple[Sequence[Path], Sequence[Path], Any]] = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="syncer", daemon=True)
+        self._thread.start()
+
+    async def sync(self, files: Sequence[Path], dirs: Sequence[Path]) -> None:
+        future = self._loop.create_future()
+        with self._cond:
+            self._waiting.append((files, dirs, future))
+            self._cond.notify()
+        await future
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._closed:
+                    self._cond.wait()
+                if not self._waiting:
+                    return
+                batch, self._waiting = self._waiting, []
+            error: OSError | None = None
+            try:
+                if self._fallback.is_grouped:
+                    anchors: dict[Path, None] = {}
+                    for files, dirs, _ in batch:
+                        for anchor in dirs or [p.parent for p in files]:
+                            anchors[anchor] = None
+                    self._fallback.sync([], list(anchors))  # one syncfs per file system
+                else:
+                    for files, dirs, _ in batch:
+                        self._fallback.sync(files, dirs)
+            except OSError as e:
+                error = e
+            self._loop.call_soon_threadsafe(_wake, batch, error)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(60)
+
+
+def _wake(batch: list[tuple[Sequence[Path], Sequence[Path], Any]], error: OSError | None) -> None:
+    for _, _, future in batch:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(OSError(error.errno, error.strerror))

@@ -56,7 +56,7 @@ import fcntl
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from pathlib import Path
 
 from core.durable import Durability, FsyncEach
@@ -511,7 +511,47 @@ class Queue:
         qp_is_id: bool = False,
     ) -> int:
         """Queue a message already split into channels (the core preprocesses what
-        it receives itself, so todo/ is skipped); return its id once durable.
+        it receives itself, so todo/ is skipped); return its id once durable."""
+        steps = self.enqueue_routed_steps(
+            message,
+            sender,
+            local,
+            remote,
+            uid=uid,
+            pid=pid,
+            invoked=invoked,
+            now=now,
+            qp_is_id=qp_is_id,
+        )
+        try:
+            files, dirs = next(steps)
+            while True:
+                try:
+                    self.durable.sync(files, dirs)
+                except OSError as e:
+                    files, dirs = steps.throw(e)
+                else:
+                    files, dirs = steps.send(None)
+        except StopIteration as done:
+            return int(done.value)
+
+    def enqueue_routed_steps(
+        self,
+        message: bytes,
+        sender: str,
+        local: list[str],
+        remote: list[str],
+        *,
+        uid: int,
+        pid: int,
+        invoked: str,
+        now: float,
+        qp_is_id: bool = False,
+    ) -> Generator[tuple[list[Path], list[Path]], None, int]:
+        """enqueue_routed as steps: each yield asks for (files, dirs) to be made
+        durable before going on, so that a caller on an event loop can wait for
+        its group commit without a thread of its own (an OSError from the sync
+        is thrown back in, and undoes everything, as in enqueue_routed).
 
         Contents first: the message (in pid/), the channel files at their names,
         the info file (in pid/); then the names mess/S/N and info/S/N. info is
@@ -534,13 +574,13 @@ class Queue:
             draft.made.append(info_temp)
             self._write_new(info_temp, b"F" + _b(sender) + b"\0")
             os.utime(info_temp, (now, now))  # info's mtime is the birth time
-            self.durable.sync([draft.temp, *channels, info_temp], [p.parent for p in channels])
+            yield [draft.temp, *channels, info_temp], [p.parent for p in channels]
             mess, info = self.root.mess(msgid), self.root.info(msgid)
             os.link(draft.temp, mess)
             draft.made.append(mess)
             os.link(info_temp, info)  # S5: the commit point
             draft.made.append(info)
-            self.durable.sync([], [mess.parent, info.parent])
+            yield [], [mess.parent, info.parent]
             for path in (draft.temp, info_temp):
                 os.unlink(path)
                 draft.made.remove(path)

@@ -26,15 +26,17 @@ import heapq
 import json
 import os
 import re
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Generator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from core import bounce as bounces
 from core import retry
 from core.clock import Clock
 from core.control import Config
+from core.durable import LoopGroupCommit
 from core.events import Events
 from core.local import Result
 from core.log import Log, safe
@@ -170,6 +172,8 @@ class Send:
         self._local_is_async = asyncio.iscoroutinefunction(local)
         self.remote = remote
         self.executor = executor or ThreadPoolExecutor(64, thread_name_prefix="queue")
+        # The running core's group commit on the loop; None: queue writes in threads.
+        self.syncer: LoopGroupCommit | None = None
         self.messages: dict[int, Message] = {}
         self.jobs: dict[str, collections.deque[Job]] = {c: collections.deque() for c in CHANNELS}
         self.active = dict.fromkeys(CHANNELS, 0)
@@ -187,6 +191,14 @@ class Send:
 
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def quick_io(self, fn: Callable[..., T], *args: Any) -> T:
+        """File work that never waits for a sync (a pwrite, a rename, a few
+        unlinks): on the loop itself in the running core, where a thread hop
+        costs more than the work; in a thread otherwise."""
+        if self.syncer is not None:
+            return fn(*args)
+        return await self.io(fn, *args)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -425,7 +437,23 @@ class Send:
             )
             return msgid, self.queue.message_size(msgid)
 
-        msgid, size = await self.io(write)
+        if self.syncer is not None:
+            msgid = await self._write_here(
+                self.queue.enqueue_routed_steps(
+                    message,
+                    sender,
+                    split["local"],
+                    split["remote"],
+                    uid=uid,
+                    pid=pid,
+                    invoked=invoked,
+                    now=now,
+                    qp_is_id=True,
+                )
+            )
+            size = self.queue.message_size(msgid)
+        else:
+            msgid, size = await self.io(write)
         # qp: qmail logs qmail-queue's pid, the number its 250 gives; ours gives the id
         message_ = Message(msgid, sender, now, size, uid, qp=msgid)
         for channel in CHANNELS:
@@ -435,6 +463,27 @@ class Send:
                 offset += len(address.encode("utf-8", "surrogateescape")) + 2
         self._accepted(message_, now)
         return msgid
+
+    async def _write_here(self, steps: Generator[tuple[list[Path], list[Path]], None, int]) -> int:
+        """Run queue-writing steps on the event loop, waiting for the group commit
+        at each sync point (file operations take microseconds; a hop to a worker
+        thread and back cost more). Errors come out as from the queue itself."""
+        try:
+            files, dirs = next(steps)
+            while True:
+                assert self.syncer is not None
+                try:
+                    await self.syncer.sync(files, dirs)
+                except OSError as e:
+                    files, dirs = steps.throw(e)
+                except BaseException:  # cancelled: undo what was written, then go
+                    with contextlib.suppress(QueueError, OSError, StopIteration):
+                        steps.throw(QueueError("qq write error or disk full (#4.3.0)"))
+                    raise
+                else:
+                    files, dirs = steps.send(None)
+        except StopIteration as done:
+            return int(done.value)
 
     def _accepted(self, message: Message, now: float) -> None:
         """A message is preprocessed: log it as qmail-send does and schedule it."""
@@ -565,7 +614,13 @@ class Send:
                     result = await deliverer(recipient.address, message.sender, message.id, now)
                 except Exception as e:  # a bug in a deliverer must not lose the message
                     result = Result("Z", f"Internal error in delivery: {e!r} (#4.3.0)\n")
-                status, text = await self.io(self._record_sync, job, result)
+                quick = result.status == "K" or (
+                    result.status == "Z" and not (job.pass_.dying or message.giving_up)
+                )  # a failure appends to bounce/N with an fsync: that one goes to a thread
+                if quick:
+                    status, text = await self.quick_io(self._record_sync, job, result)
+                else:
+                    status, text = await self.io(self._record_sync, job, result)
             forwarded = FORWARDED.search(text) if channel == "local" and status == "K" else None
             if forwarded:
                 self._new_todo(int(forwarded.group(1)))
@@ -654,7 +709,7 @@ class Send:
             if not message.pending() and not message.passes:
                 await self._finish(message)
                 return
-            await self.io(self.queue.remove_channel, channel, message.id)
+            await self.quick_io(self.queue.remove_channel, channel, message.id)
         else:
             when = p.next_due
             if message.giving_up:
@@ -689,7 +744,10 @@ class Send:
             return
         message.finishing = True
         try:
-            outcome = await self.io(self._finish_sync, message, self.config())
+            if self.queue.root.bounce(message.id).exists():  # a bounce to queue: syncs
+                outcome = await self.io(self._finish_sync, message, self.config())
+            else:
+                outcome = await self.quick_io(self._finish_sync, message, self.config())
         except (OSError, QueueError) as e:
             message.finishing = False
             text = e.text if isinstance(e, QueueError) else str(e)

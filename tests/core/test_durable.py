@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from core.durable import FsyncEach, GroupCommit
+from core.durable import FsyncEach, GroupCommit, LoopGroupCommit
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -95,3 +95,82 @@ def test_the_real_syncfs_and_fsync_each_run(tmp_path: Path) -> None:
     assert gc.syncs == 1
     gc.close()
     FsyncEach().sync([f], [tmp_path])
+
+
+async def test_loop_writers_waiting_together_share_one_sync(tmp_path: Path) -> None:
+    """The core's group commit on the event loop: ten writers that ask while a
+    sync runs are all covered by the next one, and are woken together."""
+    import asyncio
+
+    gc = GroupCommit()
+    fake = SlowSync()
+    gc._syncfs = fake
+    syncer = LoopGroupCommit(asyncio.get_running_loop(), gc)
+    try:
+        first = asyncio.ensure_future(syncer.sync([], [tmp_path]))
+        deadline = time.monotonic() + 5
+        while not fake.started.is_set():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        rest = [asyncio.ensure_future(syncer.sync([], [tmp_path])) for _ in range(10)]
+        await asyncio.sleep(0.1)
+        assert not any(f.done() for f in [first, *rest])
+        fake.release.set()
+        await asyncio.wait_for(asyncio.gather(first, *rest), 5)
+    finally:
+        fake.release.set()
+        syncer.close()
+        gc.close()
+    assert len(fake.calls) == 2
+
+
+async def test_a_failed_loop_sync_is_an_error_for_each_writer_and_undoes_the_message(
+    tmp_path: Path,
+) -> None:
+    """A sync that fails while a message is being queued: the writer gets
+    qmail-queue's write error, and nothing of the message stays in the queue."""
+    import asyncio
+    import ctypes
+    import errno
+
+    from core.paths import QmailRoot
+    from core.queue import Queue, QueueError
+    from core.setup import init_root
+
+    def failing(fd: int) -> int:
+        ctypes.set_errno(errno.ENOSPC)
+        return -1
+
+    root = init_root(tmp_path / "qmail", me="mx.example.org")
+    gc = GroupCommit()
+    gc._syncfs = failing
+    syncer = LoopGroupCommit(asyncio.get_running_loop(), gc)
+    queue = Queue(QmailRoot(root.path), durability=gc)
+
+    def messages() -> list[Path]:  # lock/nextid counts ids, which are never reused
+        files = (p.relative_to(root.queue) for p in root.queue.rglob("*") if p.is_file())
+        return sorted(p for p in files if p.parts[0] != "lock")
+
+    before = messages()
+    steps = queue.enqueue_routed_steps(
+        b"Subject: x\n\nbody\n",
+        "a@b.test",
+        ["u@mx.example.org"],
+        [],
+        uid=0,
+        pid=1,
+        invoked="invoked from network",
+        now=time.time(),
+        qp_is_id=True,
+    )
+    files, dirs = next(steps)
+    try:
+        with pytest.raises(OSError, match="No space left") as caught:
+            await asyncio.wait_for(syncer.sync(files, dirs), 5)
+        assert caught.value.errno == errno.ENOSPC
+        with pytest.raises(QueueError, match="qq write error or disk full"):
+            steps.throw(caught.value)
+    finally:
+        syncer.close()
+        gc.close()
+    assert messages() == before

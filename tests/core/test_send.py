@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from core import control, retry
+from core.durable import GroupCommit, LoopGroupCommit
 from core.events import Events
 from core.local import Result
 from core.log import Log
@@ -82,6 +83,8 @@ async def harness(root: QmailRoot) -> AsyncIterator[Harness]:
         local=spawner.deliver,
         executor=executor,
     )
+    durability = GroupCommit()
+    send.syncer = LoopGroupCommit(asyncio.get_running_loop(), durability)  # as the core runs
     h = Harness(root, send, clock, events)
     h.config = config  # type: ignore[attr-defined]
     stopping = asyncio.Event()
@@ -94,6 +97,8 @@ async def harness(root: QmailRoot) -> AsyncIterator[Harness]:
         await asyncio.wait_for(task, 10)
         await spawner.close()
         executor.shutdown()
+        send.syncer.close()  # type: ignore[union-attr]
+        durability.close()
         log.close()
 
 
