@@ -31,10 +31,12 @@ def default_root() -> Path:
 class QmailRoot:
     """The directory tree of one qmail installation (INTERFACE.md, "The qmail root")."""
 
-    __slots__ = ("path",)
+    __slots__ = ("_q", "path")
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(os.path.abspath(path))
+        # queue paths are made several times per message: one string, no joins
+        self._q = os.path.join(str(self.path), "queue") + "/"
 
     def __repr__(self) -> str:
         return f"QmailRoot({str(self.path)!r})"
@@ -115,7 +117,7 @@ class QmailRoot:
 
     # the queue (spec/queue.md §4)
     def split(self, kind: str, msgid: int) -> Path:
-        return self.queue / kind / str(msgid % SPLIT) / str(msgid)
+        return Path(f"{self._q}{kind}/{msgid % SPLIT}/{msgid}")
 
     def mess(self, msgid: int) -> Path:
         return self.split("mess", msgid)
@@ -127,19 +129,19 @@ class QmailRoot:
         return self.split(name, msgid)
 
     def todo(self, msgid: int) -> Path:
-        return self.queue / "todo" / str(msgid)
+        return Path(f"{self._q}todo/{msgid}")
 
     def intd(self, msgid: int) -> Path:
-        return self.queue / "intd" / str(msgid)
+        return Path(f"{self._q}intd/{msgid}")
 
     def bounce(self, msgid: int) -> Path:
-        return self.queue / "bounce" / str(msgid)
+        return Path(f"{self._q}bounce/{msgid}")
 
     def hold(self, msgid: int) -> Path:
-        return self.queue / "hold" / str(msgid)
+        return Path(f"{self._q}hold/{msgid}")
 
     def state(self, msgid: int) -> Path:
-        return self.queue / "state" / str(msgid)
+        return Path(f"{self._q}state/{msgid}")
 
     @property
     def trigger(self) -> Path:
