@@ -81,6 +81,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def ready(line: str) -> None:
         print(line, flush=True)
 
+    import signal
+
+    # A supervisor may start us with signals blocked; the core must hear them.
+    signal.pthread_sigmask(
+        signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGHUP, signal.SIGALRM, signal.SIGINT}
+    )
     smtp = None if args.smtp == "off" else _address(args.smtp, "--smtp")
     core = Core(_root(args), log_stderr=not args.quiet, ready=ready, smtp=smtp)
     _run_core(core)
