@@ -150,6 +150,29 @@ async def _no_remote(recipient: str, sender: str, msgid: int, now: float) -> Res
     return Result("Z", "Sorry, remote delivery is not available in this version yet. (#4.3.0)\n")
 
 
+async def write_steps(
+    steps: Generator[tuple[list[Path], list[Path]], None, int], syncer: LoopGroupCommit
+) -> int:
+    """Run queue-writing steps on the event loop, waiting for the group commit
+    at each sync point (file operations take microseconds; a hop to a worker
+    thread and back cost more). Errors come out as from the queue itself."""
+    try:
+        files, dirs = next(steps)
+        while True:
+            try:
+                await syncer.sync(files, dirs)
+            except OSError as e:
+                files, dirs = steps.throw(e)
+            except BaseException:  # cancelled: undo what was written, then go
+                with contextlib.suppress(QueueError, OSError, StopIteration):
+                    steps.throw(QueueError("qq write error or disk full (#4.3.0)"))
+                raise
+            else:
+                files, dirs = steps.send(None)
+    except StopIteration as done:
+        return int(done.value)
+
+
 class Send:
     def __init__(
         self,
@@ -455,35 +478,31 @@ class Send:
         else:
             msgid, size = await self.io(write)
         # qp: qmail logs qmail-queue's pid, the number its 250 gives; ours gives the id
-        message_ = Message(msgid, sender, now, size, uid, qp=msgid)
-        for channel in CHANNELS:
-            offset = 0
-            for address in split[channel]:
-                message_.recipients.append(Recipient(channel, address, offset))
-                offset += len(address.encode("utf-8", "surrogateescape")) + 2
-        self._accepted(message_, now)
+        self.adopt(msgid, sender, now, size, uid, split["local"], split["remote"])
         return msgid
 
     async def _write_here(self, steps: Generator[tuple[list[Path], list[Path]], None, int]) -> int:
-        """Run queue-writing steps on the event loop, waiting for the group commit
-        at each sync point (file operations take microseconds; a hop to a worker
-        thread and back cost more). Errors come out as from the queue itself."""
-        try:
-            files, dirs = next(steps)
-            while True:
-                assert self.syncer is not None
-                try:
-                    await self.syncer.sync(files, dirs)
-                except OSError as e:
-                    files, dirs = steps.throw(e)
-                except BaseException:  # cancelled: undo what was written, then go
-                    with contextlib.suppress(QueueError, OSError, StopIteration):
-                        steps.throw(QueueError("qq write error or disk full (#4.3.0)"))
-                    raise
-                else:
-                    files, dirs = steps.send(None)
-        except StopIteration as done:
-            return int(done.value)
+        assert self.syncer is not None
+        return await write_steps(steps, self.syncer)
+
+    def adopt(
+        self,
+        msgid: int,
+        sender: str,
+        now: float,
+        size: int,
+        uid: int,
+        local: list[str],
+        remote: list[str],
+    ) -> None:
+        """Schedule a message queued already routed, as enqueue has written it."""
+        message = Message(msgid, sender, now, size, uid, qp=msgid)
+        for channel, addresses in zip(CHANNELS, (local, remote), strict=True):
+            offset = 0
+            for address in addresses:
+                message.recipients.append(Recipient(channel, address, offset))
+                offset += len(address.encode("utf-8", "surrogateescape")) + 2
+        self._accepted(message, now)
 
     def _accepted(self, message: Message, now: float) -> None:
         """A message is preprocessed: log it as qmail-send does and schedule it."""
