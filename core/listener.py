@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from core.control import Config
 from core.paths import QmailRoot
-from core.smtpd import Client, Close, Deliver, Policy, Session, StartTLS
+from core.smtpd import Client, Close, Deliver, Policy, Session, StartTLS, tls_context
 from core.tcprules import Decision, RulesError, RulesFile, compile_and_swap
 
 TOO_MANY = b"421 too many connections, try again later (#4.3.2)\r\n"
@@ -315,14 +315,6 @@ def _without_tls(policy: Policy) -> Policy:
     from dataclasses import replace
 
     return replace(policy, tls=False)
-
-
-def tls_context(pem: str) -> ssl.SSLContext:
-    """control/servercert.pem holds the certificate and its key, as the qmail TLS
-    patch keeps them."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(certfile=pem)
-    return context
 
 
 def smtp_rules(root: QmailRoot, log: Callable[[str], None]) -> RulesFile:

@@ -14,6 +14,7 @@ on MAIL, each marked below.
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -620,3 +621,11 @@ class _Data:
         if end == _FIRST:
             return b"", bytes(self.raw[3:])
         return bytes(self.raw[: end + 2]), bytes(self.raw[end + 5 :])
+
+
+def tls_context(pem: str) -> ssl.SSLContext:
+    """control/servercert.pem holds the certificate and its key, as the qmail TLS
+    patch keeps them."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certfile=pem)
+    return context

@@ -5,7 +5,9 @@ RELAYCLIENT and the rest. Each accepted message is queued as qmail-queue
 would queue it, fsynced, before the 250, and the trigger wakes a running core.
 
 Blocking I/O on purpose: one process per connection, as qmail-smtpd, so it
-imports neither asyncio nor the scheduler.
+imports neither asyncio nor the scheduler. STARTTLS is offered when
+control/servercert.pem loads, as the qmail TLS patch offers it under
+tcpserver; TLS runs over the same two descriptors through memory BIOs.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ from __future__ import annotations
 import os
 import select
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 
 from core import control
 from core.paths import QmailRoot
 from core.queue import Queue, QueueError
-from core.smtpd import Client, Close, Deliver, Policy, Session, StartTLS
+from core.smtpd import Client, Close, Deliver, Policy, Session, StartTLS, tls_context
 
 CONTROLS_FAILED = b"421 unable to read controls (#4.3.0)\r\n"
 
@@ -53,6 +57,87 @@ def policy_for(root: QmailRoot) -> tuple[Policy | None, str]:
     return Policy.from_config(config, tls=False), ""
 
 
+class _Plain:
+    """The client on two file descriptors, as tcpserver hands them over."""
+
+    def __init__(self, infd: int, outfd: int, timeout: int) -> None:
+        self.infd, self.outfd, self.timeout = infd, outfd, timeout
+
+    def send(self, data: bytes | bytearray) -> bool:
+        return _write(self.outfd, data)
+
+    def recv(self) -> bytes | None:
+        """What came in; b"" at the end or on an error; None after `timeout` idle."""
+        try:
+            ready, _, _ = select.select([self.infd], [], [], self.timeout)
+        except (InterruptedError, OSError):
+            return b""
+        if not ready:
+            return None
+        try:
+            return os.read(self.infd, 65536)
+        except OSError:
+            return b""
+
+
+class _Tls:
+    """TLS over the same descriptors (ssl's memory BIOs: the descriptors may be
+    a socket or a pair of pipes)."""
+
+    def __init__(self, plain: _Plain, context: ssl.SSLContext) -> None:
+        self.plain = plain
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+
+    def _flush(self) -> bool:
+        data = self.outgoing.read()
+        return not data or self.plain.send(data)
+
+    def _fill(self) -> bool | None:
+        raw = self.plain.recv()
+        if raw is None:
+            return None
+        if not raw:
+            self.incoming.write_eof()
+            return False
+        self.incoming.write(raw)
+        return True
+
+    def handshake(self) -> bool:
+        while True:
+            try:
+                self.tls.do_handshake()
+                return self._flush()
+            except ssl.SSLWantReadError:
+                if not self._flush() or not self._fill():
+                    return False
+            except (ssl.SSLError, OSError):
+                self._flush()
+                return False
+
+    def send(self, data: bytes | bytearray) -> bool:
+        try:
+            self.tls.write(bytes(data))
+        except (ssl.SSLError, OSError):
+            return False
+        return self._flush()
+
+    def recv(self) -> bytes | None:
+        while True:
+            try:
+                return self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                if not self._flush():
+                    return b""
+                filled = self._fill()
+                if filled is None:
+                    return None
+                if not filled:
+                    return b""
+            except (ssl.SSLError, OSError):
+                return b""
+
+
 def serve(root: QmailRoot, env: Mapping[str, str], infd: int = 0, outfd: int = 1) -> int:
     """Run the session; exit code as qmail-smtpd's: 0 after QUIT, else 1."""
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
@@ -61,9 +146,19 @@ def serve(root: QmailRoot, env: Mapping[str, str], infd: int = 0, outfd: int = 1
         sys.stderr.write(f"qmailtui smtpd: {why}\n")
         _write(outfd, CONTROLS_FAILED)
         return 1
+    context = None
+    pem = root.control_file("servercert.pem")
+    if pem.exists():
+        try:
+            context = tls_context(str(pem))
+        except (OSError, ssl.SSLError) as e:
+            sys.stderr.write(f"qmailtui smtpd: control/servercert.pem: {e}; no STARTTLS\n")
+    if context is not None:
+        policy = replace(policy, tls=True)
     session = Session(policy, Client.from_env(env))
     session.start()
     queue = Queue(root)
+    channel: _Plain | _Tls = _Plain(infd, outfd, policy.timeout)
     while True:
         action = session.step()
         if isinstance(action, Deliver):
@@ -84,24 +179,24 @@ def serve(root: QmailRoot, env: Mapping[str, str], infd: int = 0, outfd: int = 1
                 queue.pull_trigger()
                 session.queued(msgid)
             continue
-        if isinstance(action, StartTLS):  # never offered here: policy.tls is False
-            return 1
-        if not _write(outfd, session.out):
+        if not channel.send(session.out):
             return 1
         session.out.clear()
         if isinstance(action, Close):
             return 0 if session.quit else 1
-        try:
-            ready, _, _ = select.select([infd], [], [], policy.timeout)
-        except InterruptedError:  # pragma: no cover - SIGPIPE is ignored, no handlers
+        if isinstance(action, StartTLS):
+            assert context is not None
+            assert isinstance(channel, _Plain)
+            channel = _Tls(channel, context)
+            if not channel.handshake():
+                sys.stderr.write("qmailtui smtpd: TLS handshake failed\n")
+                return 1
+            session.tls_started()
             continue
-        if not ready:
+        data = channel.recv()
+        if data is None:
             session.timed_out()
-            _write(outfd, session.out)
-            return 1
-        try:
-            data = os.read(infd, 65536)
-        except OSError:
+            channel.send(session.out)
             return 1
         if not data:
             return 1

@@ -965,6 +965,28 @@ def test_smtpd_under_tcpserver_queues_with_the_rules_relayclient(root: QmailRoot
     assert text.endswith(b"\nSubject: via tcpserver\n\nqueued\n")
 
 
+def test_smtpd_under_tcpserver_offers_starttls_with_servercert(
+    root: QmailRoot, servercert: bytes
+) -> None:
+    """As the qmail TLS patch under tcpserver: STARTTLS over fds 0 and 1, the
+    session starts over inside TLS, and the Received line says ESMTPS."""
+    pem = root.control_file("servercert.pem")
+    pem.write_bytes(servercert)
+    pem.chmod(0o600)
+    with tcpserver(root, ":allow\n") as server:
+        done = swaks(server.port, "--tls", "--header", "Subject: tls via tcpserver")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "<-  250 STARTTLS" in done.stdout, done.stdout
+        assert "=== TLS started with cipher " in done.stdout, done.stdout
+        wait_until(lambda: server.ends() == ["0"], WAIT, "smtpd exits 0 after QUIT")
+    [mess] = list((root.queue / "mess").glob("*/*"))
+    text = mess.read_bytes()
+    received = RECEIVED.search(text)
+    assert received, text
+    assert received[1] == b"ESMTPS"
+    assert b"\nSubject: tls via tcpserver\n" in text
+
+
 def test_smtpd_under_tcpserver_exits_1_when_the_client_just_goes(root: QmailRoot) -> None:
     with tcpserver(root, ":allow\n") as server:
         with Raw(server.port) as client:
