@@ -2,8 +2,8 @@
 
 Options: -t (recipients from the header, plus any arguments, as qmail does),
 -f SENDER, -F NAME, -i/-oi and the other sendmail options qmail ignores,
--bp (the queue), -bs (an SMTP session on standard input, when the SMTP
-receiver exists). Imports nothing heavy: cron runs this once per message.
+-bp (the queue), -bs (an SMTP session on standard input and output).
+Imports nothing heavy: cron runs this once per message.
 """
 
 from __future__ import annotations
@@ -62,6 +62,27 @@ def parse(argv: list[str]) -> tuple[dict[str, object], list[str]] | str:
     return opts, argv[i:]
 
 
+def smtp_session(root: QmailRoot) -> int:
+    """-bs: qmail's sendmail runs qmail-smtpd as a local, trusted client
+    (spec/inject.md §5): relaying allowed, no size limit, unless PROTO is set
+    (then the caller, such as tcpserver, has set the environment already)."""
+    from core import smtpstdio
+
+    env = dict(os.environ)
+    if "PROTO" not in env:
+        env.update(
+            RELAYCLIENT="",
+            DATABYTES="0",
+            PROTO="TCP",
+            TCPLOCALIP="127.0.0.1",
+            TCPLOCALHOST="localhost",
+            TCPREMOTEIP="127.0.0.1",
+            TCPREMOTEHOST="localhost",
+            TCPREMOTEINFO="sendmail-bs",
+        )
+    return smtpstdio.serve(root, env)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     prog = "qmailtui-sendmail"
@@ -76,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return cli_main(["--root", str(root.path), "queue", "list"])
     if opts["b"] == "s":
-        sys.stderr.write(f"{prog}: fatal: -bs needs the SMTP receiver, not available yet\n")
-        return 111
+        return smtp_session(root)
     env = dict(os.environ)
     sender = opts["f"]
     if opts["F"] is not None:

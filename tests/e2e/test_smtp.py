@@ -1107,3 +1107,33 @@ def test_smtpcheck_json_parses(checked_root: QmailRoot) -> None:
     assert {"file": "etc/tcp.smtp", "line": 2} in [
         {"file": s["file"], "line": s["line"]} for s in result["steps"]
     ]
+
+
+def test_sendmail_bs_is_a_trusted_local_session(root: QmailRoot) -> None:
+    """qmail's `sendmail -bs`: qmail-smtpd with RELAYCLIENT set, so a remote
+    recipient is accepted; the Received line names the sendmail-bs client."""
+    from tests.processes import sendmail_command
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PROTO", "RELAYCLIENT")}
+    conversation = (
+        b"HELO client.test\r\nMAIL FROM:<a@client.test>\r\nRCPT TO:<user@far.test>\r\n"
+        b"DATA\r\nSubject: bs\r\n\r\nhello\r\n.\r\nQUIT\r\n"
+    )
+    done = subprocess.run(
+        [*sendmail_command(), "--root", str(root.path), "-bs"],
+        input=conversation,
+        capture_output=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    replies = done.stdout.decode().splitlines()
+    assert replies[3] == "250 ok"  # the remote recipient: relaying is allowed here
+    assert re.fullmatch(r"250 ok \d+ qp \d+", replies[5]), replies
+    [todo] = sorted((root.queue / "todo").iterdir())
+    assert b"\0Tuser@far.test\0" in todo.read_bytes()
+    [mess] = [p for p in (root.queue / "mess").glob("*/*") if p.name == todo.name]
+    assert b"Received: from localhost (HELO client.test) (sendmail-bs@127.0.0.1)\n" in (
+        mess.read_bytes()
+    )
