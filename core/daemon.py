@@ -126,9 +126,11 @@ class Core:
         log_stderr: bool = False,
         ready: Callable[[str], None] | None = None,
         smtp: tuple[str, int] | None = None,
+        resolver: tuple[str, int] | None = None,
     ) -> None:
         self.root = root
         self.smtp_address = smtp  # where to listen; None: no SMTP listener
+        self.resolver_address = resolver  # DNS server to ask; None: the system's
         self.smtp: SmtpServer | None = None
         self._late: asyncio.Future[None] | None = None  # a listener starting after a reload
         self.clock = clock or SystemClock()
@@ -246,6 +248,7 @@ class Core:
         )
         self.send.syncer = syncer = LoopGroupCommit(loop, durability)
         self.service = Service(self.root, self.send, self.config, self.clock)
+        self.service.resolver = self.resolver_address
         sock = ControlSocket(self.root.control_socket, self.service)
         trigger = self._listen_trigger(loop)
         handled = self._signals(loop)
@@ -311,7 +314,10 @@ class Core:
         return f"{bound[0]}:{bound[1]}"
 
     def _smtp_settings(self) -> Settings | None:
-        return settings_for(self.root, self.config(), self.log.line)
+        from core.rdns import resolver_for
+
+        resolver = resolver_for(self.resolver_address)
+        return settings_for(self.root, self.config(), self.log.line, resolver=resolver)
 
     def _listen_trigger(self, loop: asyncio.AbstractEventLoop) -> tuple[int, int]:
         """Read lock/trigger; a writer of our own keeps it from reporting EOF forever."""

@@ -20,6 +20,7 @@ import contextlib
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from core.control import Config
 from core.paths import QmailRoot
@@ -50,12 +51,14 @@ class Settings:
         limits: Limits,
         local: str,
         tls: ssl.SSLContext | None,
+        resolver: Any = None,
     ) -> None:
         self.policy = policy
         self.rules = rules
         self.limits = limits
         self.local = local
         self.tls = tls
+        self.resolver = resolver  # dnspython's, for TCPREMOTEHOST when a rule names hosts
 
 
 class SmtpServer:
@@ -116,7 +119,12 @@ class SmtpServer:
 
 
 def client_env(
-    settings: Settings, ip: str, port: int, local_ip: str, local_port: int
+    settings: Settings,
+    ip: str,
+    port: int,
+    local_ip: str,
+    local_port: int,
+    host: str | None = None,
 ) -> tuple[dict[str, str], Decision | None]:
     """tcpserver's environment for a connection, and the rule that shaped it."""
     env = {
@@ -127,7 +135,9 @@ def client_env(
         "TCPLOCALPORT": str(local_port),
         "TCPLOCALHOST": settings.local,
     }
-    decision = settings.rules.current().lookup(ip) if settings.rules is not None else None
+    if host is not None:
+        env["TCPREMOTEHOST"] = host
+    decision = settings.rules.current().lookup(ip, host) if settings.rules is not None else None
     if decision is not None:
         env.update(decision.env)
     return env, decision
@@ -155,9 +165,33 @@ class SmtpConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername") or ("unknown", 0)
         sock = transport.get_extra_info("sockname") or ("unknown", 0)
         self.ip = _plain_ip(str(peer[0]))
+        rules = self.settings.rules
+        if rules is not None and self.settings.resolver is not None:
+            with contextlib.suppress(OSError):  # client_env reports it
+                rules.current()
+            if rules.names_hosts:  # tcpserver finds the name before the rules
+                transport.pause_reading()
+                self.task = asyncio.ensure_future(self._named(peer, sock))
+                return
+        self._open(peer, sock, None)
+
+    async def _named(self, peer: Any, sock: Any) -> None:
+        from core.rdns import remote_host
+
+        host = await remote_host(self.ip, self.settings.resolver)
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.task = None
+        self._open(peer, sock, host)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def _open(self, peer: Any, sock: Any, host: str | None) -> None:
+        transport = self.transport
+        assert transport is not None
         try:
             env, decision = client_env(
-                self.settings, self.ip, int(peer[1]), _plain_ip(str(sock[0])), int(sock[1])
+                self.settings, self.ip, int(peer[1]), _plain_ip(str(sock[0])), int(sock[1]), host
             )
         except (RulesError, OSError) as e:  # tcpserver drops the connection too
             self.server.log(f"alert: unable to read etc/tcp.smtp.cdb: {e}; dropped {self.ip}")
@@ -330,7 +364,11 @@ def smtp_rules(root: QmailRoot, log: Callable[[str], None]) -> RulesFile:
 
 
 def settings_for(
-    root: QmailRoot, config: Config, log: Callable[[str], None], compile_rules: bool = True
+    root: QmailRoot,
+    config: Config,
+    log: Callable[[str], None],
+    compile_rules: bool = True,
+    resolver: Any = None,
 ) -> Settings | None:
     """The listener's settings from a configuration; None (and an alert) when
     it must not listen: without rcpthosts qmail relays for every domain."""
@@ -357,4 +395,5 @@ def settings_for(
         Limits(config.concurrencyincoming, config.concurrencyperip),
         config.me or "unknown",
         tls,
+        resolver,
     )

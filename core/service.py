@@ -60,6 +60,7 @@ class Service:
         self.send = send
         self.config = config
         self.clock = clock
+        self.resolver: tuple[str, int] | None = None  # serve --resolver
 
     async def handle(self, op: str, args: dict[str, Any]) -> Any:
         method = getattr(self, "op_" + op.replace("-", "_"), None)
@@ -181,11 +182,22 @@ class Service:
         texts = [ip, sender, *rcpts, helo or ""]
         if any("\n" in t or "\r" in t or "\0" in t for t in texts):
             raise ServiceError("bad-request", "no line breaks or NULs in smtpcheck's arguments")
-        result = await self.send.io(
-            smtpcheck, self.root, self.config(), ip, helo, sender, list(rcpts)
+        given = args.get("resolver")
+        if given is not None and not isinstance(given, str):
+            raise ServiceError("bad-request", "resolver must be ADDRESS:PORT")
+        where = _address(given) if given else self.resolver
+        result = await smtpcheck(
+            self.root, self.config(), ip, helo, sender, list(rcpts), self.send.io, where
         )
         return result.as_dict()
 
     async def op_retry_all(self, args: dict[str, Any]) -> dict[str, Any]:
         self.send.retry_all()
         return {"ok": True}
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ServiceError("bad-request", f"resolver {text!r}: expected ADDRESS:PORT")
+    return host.strip("[]"), int(port)

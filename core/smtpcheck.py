@@ -9,6 +9,8 @@ cdb in force and never compiles it: a check changes nothing.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -16,8 +18,9 @@ from core.control import Config
 from core.explain import Step, _line_of
 from core.listener import client_env, settings_for
 from core.paths import QmailRoot
+from core.rdns import remote_host, resolver_for
 from core.smtpd import Client, Deliver, Session
-from core.tcprules import RulesError, find_line
+from core.tcprules import RulesError, RulesFile, find_line
 
 
 @dataclass
@@ -36,8 +39,39 @@ class Check:
         }
 
 
-def smtpcheck(
-    root: QmailRoot, config: Config, ip: str, helo: str | None, sender: str, rcpts: list[str]
+async def smtpcheck(
+    root: QmailRoot,
+    config: Config,
+    ip: str,
+    helo: str | None,
+    sender: str,
+    rcpts: list[str],
+    io: Callable[..., Awaitable[Any]],
+    resolver: tuple[str, int] | None = None,
+) -> Check:
+    """Find the client's name first when the rules name hosts (as the listener
+    does), then play the conversation in a worker thread (`io`)."""
+    host = None
+    cdb = RulesFile(root.tcp_smtp.with_name("tcp.smtp.cdb"))
+    with contextlib.suppress(OSError):
+        cdb.current()
+    if cdb.names_hosts:
+        host = await remote_host(ip, resolver_for(resolver))
+    check: Check = await io(_check, root, config, ip, helo, sender, rcpts, host)
+    if cdb.names_hosts:
+        found = f"its name is {host}" if host else "no name found for it"
+        check.steps.insert(0, Step(f"a rule names hosts: {ip} was looked up in DNS, {found}"))
+    return check
+
+
+def _check(
+    root: QmailRoot,
+    config: Config,
+    ip: str,
+    helo: str | None,
+    sender: str,
+    rcpts: list[str],
+    host: str | None,
 ) -> Check:
     check = Check(ip)
     notes: list[str] = []
@@ -57,7 +91,7 @@ def smtpcheck(
         check.steps.append(Step(note, level="warning"))
     _stale_rules(root, check)
     try:
-        env, decision = client_env(settings, ip, 0, "0.0.0.0", 25)  # noqa: S104
+        env, decision = client_env(settings, ip, 0, "0.0.0.0", 25, host)  # noqa: S104
     except (RulesError, OSError) as e:
         check.outcome = "dropped: the rules cannot be read"
         check.steps.append(Step(f"unable to read etc/tcp.smtp.cdb: {e}", "etc/tcp.smtp.cdb"))

@@ -564,26 +564,52 @@ class Rules:
         return ALLOW if found is None else decide(*found)
 
 
+def names_hosts(data: bytes | None) -> bool:
+    """Does any rule in this cdb name a host (`=host`, `=.domain`, `info@=host`)?
+    Only then must a server find the client's name before it looks up."""
+    if not data or len(data) < 2048:
+        return False
+    end = min(
+        (position for position, _ in (_PAIR.unpack_from(data, i) for i in range(0, 2048, 8))),
+        default=2048,
+    )
+    position = 2048
+    while position + 8 <= min(end, len(data)):
+        klen, dlen = _PAIR.unpack_from(data, position)
+        key = data[position + 8 : position + 8 + klen]
+        if key.startswith(b"=") or b"@=" in key:
+            return True
+        position += 8 + klen + dlen
+    return False
+
+
 class RulesFile:
     """A rules cdb re-read only when it changes: tcpserver opens it per connection,
     and tcprules replaces it by rename, so a new inode or size means new rules."""
 
-    __slots__ = ("_path", "_rules", "_stamp")
+    __slots__ = ("_hosts", "_path", "_rules", "_stamp")
 
     def __init__(self, path: Path) -> None:
         self._path = path
         self._stamp: tuple[int, int, int] | None = None
         self._rules = Rules(None)
+        self._hosts = False
+
+    @property
+    def names_hosts(self) -> bool:
+        """Whether the rules last read name hosts (see names_hosts())."""
+        return self._hosts
 
     def current(self) -> Rules:
         try:
             st = self._path.stat()
         except FileNotFoundError:
-            self._stamp, self._rules = None, Rules(None)
+            self._stamp, self._rules, self._hosts = None, Rules(None), False
             return self._rules
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
         if stamp != self._stamp:
             self._rules = Rules.load(self._path)
+            self._hosts = names_hosts(self._rules._data)
             self._stamp = stamp
         return self._rules
 

@@ -88,7 +88,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGHUP, signal.SIGALRM, signal.SIGINT}
     )
     smtp = None if args.smtp == "off" else _address(args.smtp, "--smtp")
-    core = Core(_root(args), log_stderr=not args.quiet, ready=ready, smtp=smtp)
+    resolver = None if args.resolver is None else _address(args.resolver, "--resolver")
+    core = Core(_root(args), log_stderr=not args.quiet, ready=ready, smtp=smtp, resolver=resolver)
     _run_core(core)
     return 0
 
@@ -326,8 +327,14 @@ def cmd_smtpcheck(args: argparse.Namespace) -> int:
 
     async def go() -> int:
         async with connect(_root(args)) as client:
+            extra = {"resolver": args.resolver} if args.resolver else {}
             result = await client.call(
-                "smtpcheck", ip=args.ip, helo=args.helo, to=args.to, **{"from": args.sender}
+                "smtpcheck",
+                ip=args.ip,
+                helo=args.helo,
+                to=args.to,
+                **{"from": args.sender},
+                **extra,
             )
         if args.json:
             print(json.dumps(result, ensure_ascii=False, indent=2))
@@ -421,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pop3", metavar="ADDR:PORT", default="off", help="POP3 (not built yet: only off)"
     )
+    p.add_argument(
+        "--resolver", metavar="ADDR:PORT", help="send DNS look-ups there (default: the system's)"
+    )
     p = command("init", cmd_init, "create a qmail root")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--me", required=True, metavar="HOST", help="this host's name")
@@ -451,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--helo", metavar="H", help="the HELO/EHLO argument")
     p.add_argument("--from", dest="sender", metavar="S", required=True, help="envelope sender")
     p.add_argument("--to", nargs="+", required=True, metavar="R", help="recipients")
+    p.add_argument("--resolver", metavar="ADDR:PORT", help="DNS server for the client's name")
     p.add_argument("--json", action="store_true")
     command("smtpd", cmd_smtpd, "one SMTP session on standard input/output, like qmail-smtpd")
 

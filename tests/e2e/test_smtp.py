@@ -100,13 +100,24 @@ class Mta:
 
 
 @contextlib.contextmanager
-def serving(root: QmailRoot, *, listens: bool = True) -> Iterator[Mta]:
+def serving(root: QmailRoot, *, listens: bool = True, resolver: str | None = None) -> Iterator[Mta]:
     """`qmailtui --root ROOT serve --smtp 127.0.0.1:0 --pop3 off` for the block;
     `listens=False`: its ready line must say `smtp=off`."""
     errors = root.path.parent / "serve.stderr"
+    extra = ["--resolver", resolver] if resolver else []
     with open(errors, "ab") as err:
         proc = subprocess.Popen(
-            [*CLI, "--root", str(root.path), "serve", "--smtp", "127.0.0.1:0", "--pop3", "off"],
+            [
+                *CLI,
+                "--root",
+                str(root.path),
+                "serve",
+                "--smtp",
+                "127.0.0.1:0",
+                "--pop3",
+                "off",
+                *extra,
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=err,
@@ -1137,3 +1148,42 @@ def test_sendmail_bs_is_a_trusted_local_session(root: QmailRoot) -> None:
     assert b"Received: from localhost (HELO client.test) (sendmail-bs@127.0.0.1)\n" in (
         mess.read_bytes()
     )
+
+
+def test_a_host_rule_looks_the_client_up_in_dns_as_tcpserver_does(root: QmailRoot) -> None:
+    """`=.example.net:allow,RELAYCLIENT=""`: the listener finds the client's
+    name (PTR, from a DNS server on loopback), the rule matches it, a remote
+    recipient is accepted, and the Received line names the host."""
+    from tests.dnsserver import dns_server
+
+    write_rules(root, '=.example.net:allow,RELAYCLIENT=""\n:allow\n')
+    records = {("1.0.0.127.in-addr.arpa", "PTR"): ["client.example.net."]}
+    with dns_server(records) as dns, serving(root, resolver=dns.address) as running:
+        with smtp(running.port) as client:
+            client.ehlo("helo.test")
+            assert client.mail(SENDER) == (250, b"ok")
+            assert client.rcpt("user@far.test") == (250, b"ok")
+            assert client.data(b"Subject: by name\r\n\r\nhi\r\n")[0] == 250
+        assert ("1.0.0.127.in-addr.arpa", "PTR") in dns.asked
+        text = smtpcheck(root, "127.0.0.1", "--from", SENDER, "--to", "user@far.test")
+        assert "etc/tcp.smtp:1" in text, text
+        assert "its name is client.example.net" in text, text
+    queued = [p for p in (root.queue / "mess").glob("*/*")]
+    assert any(
+        b"Received: from client.example.net (HELO helo.test)" in p.read_bytes() for p in queued
+    )
+
+
+def test_without_a_name_a_host_rule_does_not_match(root: QmailRoot) -> None:
+    from tests.dnsserver import dns_server
+
+    write_rules(root, '=.example.net:allow,RELAYCLIENT=""\n:allow\n')
+    with (
+        dns_server({}) as dns,
+        serving(root, resolver=dns.address) as running,
+        smtp(running.port) as client,
+    ):
+        client.ehlo("helo.test")
+        assert client.mail(SENDER) == (250, b"ok")
+        code, _ = client.rcpt("user@far.test")
+        assert code == 553
