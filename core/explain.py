@@ -80,7 +80,50 @@ class _Steps:
         self.ex.steps.append(Step(text, name, line, level))
 
 
-def explain(root: QmailRoot, config: Config, address: str) -> Explanation:
+def _remote(
+    root: QmailRoot,
+    config: Config,
+    domain: str,
+    step: _Steps,
+    ex: Explanation,
+    resolver: tuple[str, int] | None,
+    port: int,
+) -> None:
+    """The route delivery would take: the smtproutes line, or the MX and A
+    records, and the "this host" check, from core/mxroute.py."""
+    import asyncio
+
+    from core import mxroute
+    from core.rdns import resolver_for
+
+    answer = asyncio.run(mxroute.find(config, domain, resolver_for(resolver), port))
+    routes = root.control_file("smtproutes")
+    if answer.route is not None:
+        line = _line_of(routes, answer.route.domain, key=True)
+        if answer.route.relay:
+            step(f"smtproutes line {answer.route.text!r} matches {domain}", routes, line)
+        else:
+            step(f"smtproutes line {answer.route.text!r}: {domain} goes by MX", routes, line)
+    for text in mxroute.describe(answer):
+        failed = text.startswith(("temporary failure", "permanent failure"))
+        step(text, level="error" if failed else "info")
+    if answer.error is not None:
+        letter, text = answer.error[0], answer.error[1:].replace("\n", " ")
+        kind = "deferred" if letter == "Z" else "bounced"
+        ex.outcome = f"remote: {kind} ({text})"
+        return
+    first = answer.candidates[0]
+    ex.outcome = f"remote: to {first.ip} port {answer.port} ({first.name})"
+    step("remote delivery is not built yet: the message would wait in the queue, deferred")
+
+
+def explain(
+    root: QmailRoot,
+    config: Config,
+    address: str,
+    resolver: tuple[str, int] | None = None,
+    remote_port: int = 25,
+) -> Explanation:
     ex = Explanation(address)
     step = _Steps(root, ex)
 
@@ -96,8 +139,7 @@ def explain(root: QmailRoot, config: Config, address: str) -> Explanation:
             step(routed.reason, root.control_file("virtualdomains"), line)
         else:
             step(f"{domain} is not in control/locals nor control/virtualdomains: remote")
-        step("remote delivery: not available in this version; the message would wait, deferred")
-        ex.outcome = "remote (deferred: remote delivery is not available yet)"
+        _remote(root, config, domain, step, ex, resolver, remote_port)
         return ex
     if routed.address == address or "@" not in address:
         source = root.control_file("locals")

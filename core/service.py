@@ -165,7 +165,11 @@ class Service:
         address = args.get("address")
         if not isinstance(address, str) or not address or "\n" in address:
             raise ServiceError("bad-request", "explain needs one address")
-        result = await self.send.io(explain, self.root, self.config(), address)
+        given = args.get("resolver")
+        if given is not None and not isinstance(given, str):
+            raise ServiceError("bad-request", "resolver must be ADDRESS:PORT")
+        where = _address(given) if given else self.resolver
+        result = await self.send.io(explain, self.root, self.config(), address, where)
         return result.as_dict()
 
     async def op_smtpcheck(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -292,7 +292,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     async def go() -> int:
         async with connect(_root(args)) as client:
-            result = await client.call("explain", address=args.address)
+            extra = {"resolver": args.resolver} if args.resolver else {}
+            result = await client.call("explain", address=args.address, **extra)
         if args.json:
             print(json.dumps(result, ensure_ascii=False, indent=2))
             return 0
@@ -447,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("newu", cmd_newu, "compile users/assign into users/cdb, like qmail-newu")
     p = command("explain", cmd_explain, "where a message to ADDRESS would go, and why")
     p.add_argument("address", metavar="ADDRESS")
+    p.add_argument("--resolver", metavar="ADDR:PORT", help="DNS server for the MX look-up")
     p.add_argument("--json", action="store_true")
     p = command("inject", cmd_inject, "queue a message from standard input, like qmail-inject")
     p.add_argument("-f", metavar="SENDER", help="envelope sender")
