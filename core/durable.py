@@ -38,6 +38,30 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def replace_file(tmp: Path, target: Path, data: bytes, mode: int | None = None) -> None:
+    """Write `data` to `tmp`, fsync it, rename it onto `target`, fsync the
+    directory: readers see the old file or the new one, and the new one lasts.
+    `tmp` is removed again on failure. As tcprules and qmail-newu end: 0644
+    less the umask, or `mode` whatever the umask (O_NONBLOCK: a FIFO at `tmp`
+    never hangs us)."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_NONBLOCK | os.O_TRUNC | os.O_CREAT, 0o644)
+    try:
+        try:
+            if mode is not None:
+                os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(target.parent)  # the rename must reach the disk too
+
+
 class FsyncEach:
     def sync(self, files: Sequence[Path], dirs: Sequence[Path]) -> None:
         for path in files:

@@ -24,8 +24,8 @@ from typing import Any
 
 from core.control import Config
 from core.paths import QmailRoot
-from core.smtpd import Client, Close, Deliver, Policy, Session, StartTLS, tls_context
-from core.tcprules import Decision, RulesError, RulesFile, compile_and_swap
+from core.smtpd import Client, Close, Deliver, Policy, Session, StartTLS, server_tls
+from core.tcprules import Decision, Rules, RulesError, RulesFile, compile_and_swap
 
 TOO_MANY = b"421 too many connections, try again later (#4.3.2)\r\n"
 TOO_MANY_FROM_YOU = b"421 too many connections from your address (#4.7.0)\r\n"
@@ -125,8 +125,10 @@ def client_env(
     local_ip: str,
     local_port: int,
     host: str | None = None,
+    rules: Rules | None = None,
 ) -> tuple[dict[str, str], Decision | None]:
-    """tcpserver's environment for a connection, and the rule that shaped it."""
+    """tcpserver's environment for a connection, and the rule that shaped it
+    (from `rules` when the caller has read them already)."""
     env = {
         "PROTO": "TCP",
         "TCPREMOTEIP": ip,
@@ -137,7 +139,9 @@ def client_env(
     }
     if host is not None:
         env["TCPREMOTEHOST"] = host
-    decision = settings.rules.current().lookup(ip, host) if settings.rules is not None else None
+    if rules is None and settings.rules is not None:
+        rules = settings.rules.current()
+    decision = rules.lookup(ip, host) if rules is not None else None
     if decision is not None:
         env.update(decision.env)
     return env, decision
@@ -165,37 +169,52 @@ class SmtpConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername") or ("unknown", 0)
         sock = transport.get_extra_info("sockname") or ("unknown", 0)
         self.ip = _plain_ip(str(peer[0]))
-        rules = self.settings.rules
-        if rules is not None and self.settings.resolver is not None:
-            with contextlib.suppress(OSError):  # client_env reports it
-                rules.current()
-            if rules.names_hosts:  # tcpserver finds the name before the rules
-                transport.pause_reading()
-                self.task = asyncio.ensure_future(self._named(peer, sock))
+        rules_file, rules = self.settings.rules, None
+        if rules_file is not None:
+            try:
+                rules = rules_file.current()  # one look at the cdb per connection
+            except OSError as e:
+                self._unreadable(e)
                 return
-        self._open(peer, sock, None)
+            if self.settings.resolver is not None and rules_file.names_hosts:
+                # tcpserver finds the client's name before it consults the rules
+                transport.pause_reading()
+                self.task = asyncio.ensure_future(self._named(peer, sock, rules))
+                return
+        self._open(peer, sock, None, rules)
 
-    async def _named(self, peer: Any, sock: Any) -> None:
+    def _unreadable(self, e: Exception) -> None:
+        """tcpserver drops the connection when it cannot read its rules."""
+        self.server.log(f"alert: unable to read etc/tcp.smtp.cdb: {e}; dropped {self.ip}")
+        assert self.transport is not None
+        self.transport.abort()
+
+    async def _named(self, peer: Any, sock: Any, rules: Rules) -> None:
         from core.rdns import remote_host
 
         host = await remote_host(self.ip, self.settings.resolver)
         if self.transport is None or self.transport.is_closing():
             return
         self.task = None
-        self._open(peer, sock, host)
+        self._open(peer, sock, host, rules)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
-    def _open(self, peer: Any, sock: Any, host: str | None) -> None:
+    def _open(self, peer: Any, sock: Any, host: str | None, rules: Rules | None) -> None:
         transport = self.transport
         assert transport is not None
         try:
             env, decision = client_env(
-                self.settings, self.ip, int(peer[1]), _plain_ip(str(sock[0])), int(sock[1]), host
+                self.settings,
+                self.ip,
+                int(peer[1]),
+                _plain_ip(str(sock[0])),
+                int(sock[1]),
+                host,
+                rules,
             )
-        except (RulesError, OSError) as e:  # tcpserver drops the connection too
-            self.server.log(f"alert: unable to read etc/tcp.smtp.cdb: {e}; dropped {self.ip}")
-            transport.abort()
+        except (RulesError, OSError) as e:
+            self._unreadable(e)
             return
         if decision is not None and not decision.allow:
             self.server.log(f"tcpserver: deny {self.ip} by rule {decision.key!r}")
@@ -378,13 +397,9 @@ def settings_for(
             " not listening for SMTP until it exists"
         )
         return None
-    tls = None
-    pem = root.control_file("servercert.pem")
-    if pem.exists():
-        try:
-            tls = tls_context(str(pem))
-        except (OSError, ssl.SSLError) as e:
-            log(f"alert: control/servercert.pem: {e}; STARTTLS not offered")
+    tls, why = server_tls(root.control_file("servercert.pem"))
+    if why is not None:
+        log(f"alert: control/servercert.pem: {why}; STARTTLS not offered")
     if compile_rules:
         rules = smtp_rules(root, log)
     else:

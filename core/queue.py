@@ -523,6 +523,11 @@ class Queue:
             now=now,
             qp_is_id=qp_is_id,
         )
+        return self.run_steps(steps)
+
+    def run_steps(self, steps: Generator[tuple[list[Path], list[Path]], None, int]) -> int:
+        """Drive queue-writing steps here, with this queue's durability at each
+        sync point (send.write_steps is the same on an event loop)."""
         try:
             files, dirs = next(steps)
             while True:

@@ -5,8 +5,8 @@ recipients, with qmail's per-recipient results and texts (spec/remote.md §6,
 Given the addresses core/mxroute.py found, it connects to the first that
 answers within `timeoutconnect` and never tries another after a connect
 succeeds, as qmail-remote. Unlike qmail-remote it says EHLO (falling back to
-HELO), takes STARTTLS when offered (opportunistic: a failed handshake means
-starting again in the clear) and may carry several recipients in one
+HELO), takes STARTTLS when offered and given a context (a failed handshake
+defers: "Connected to IP but STARTTLS failed.") and may carry several recipients in one
 transaction, each with its own reply. aiosmtplib sends the DATA: it turns
 every lone CR or LF into CRLF and dot-stuffs after every line end, which is
 what keeps a stored `\\r.\\n` from ending DATA early (the hazard §8.1
@@ -64,15 +64,6 @@ def _address(address: str) -> bytes:
     without @ (the empty sender) as it is."""
     text = quote2(address) if "@" in address else address
     return text.encode("utf-8", "surrogateescape")
-
-
-def opportunistic_tls() -> ssl.SSLContext:
-    """Encrypt when the server offers it; a name or chain we cannot verify is
-    no reason to send in the clear instead (as Postfix's `may` level)."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 async def deliver(

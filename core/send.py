@@ -435,8 +435,8 @@ class Send:
     ) -> int:
         """Queue a message durably (the SMTP receiver's 250) and start on it at once.
 
-        The core preprocesses what it queues itself, in the same worker-thread
-        hop, so such a message never waits in todo/.
+        The core preprocesses what it queues itself as it writes it, so such a
+        message never waits in todo/.
         """
         now = self.clock.now()
         config = self.config()
@@ -444,46 +444,26 @@ class Send:
         for rcpt in recipients:
             routed = route(config, rcpt)
             split[routed.channel].append(routed.address)
-        uid, pid = os.getuid(), os.getpid()
-
-        def write() -> tuple[int, int]:
-            msgid = self.queue.enqueue_routed(
-                message,
-                sender,
-                split["local"],
-                split["remote"],
-                uid=uid,
-                pid=pid,
-                invoked=invoked,
-                now=now,
-                qp_is_id=True,
-            )
-            return msgid, self.queue.message_size(msgid)
-
-        if self.syncer is not None:
-            msgid = await self._write_here(
-                self.queue.enqueue_routed_steps(
-                    message,
-                    sender,
-                    split["local"],
-                    split["remote"],
-                    uid=uid,
-                    pid=pid,
-                    invoked=invoked,
-                    now=now,
-                    qp_is_id=True,
-                )
-            )
-            size = self.queue.message_size(msgid)
+        uid = os.getuid()
+        steps = self.queue.enqueue_routed_steps(
+            message,
+            sender,
+            split["local"],
+            split["remote"],
+            uid=uid,
+            pid=os.getpid(),
+            invoked=invoked,
+            now=now,
+            qp_is_id=True,
+        )
+        if self.syncer is not None:  # the running core: writes here, the sync awaited
+            msgid = await write_steps(steps, self.syncer)
         else:
-            msgid, size = await self.io(write)
+            msgid = await self.io(self.queue.run_steps, steps)
+        size = self.queue.message_size(msgid)
         # qp: qmail logs qmail-queue's pid, the number its 250 gives; ours gives the id
         self.adopt(msgid, sender, now, size, uid, split["local"], split["remote"])
         return msgid
-
-    async def _write_here(self, steps: Generator[tuple[list[Path], list[Path]], None, int]) -> int:
-        assert self.syncer is not None
-        return await write_steps(steps, self.syncer)
 
     def adopt(
         self,

@@ -68,6 +68,13 @@ class Service:
             raise ServiceError("unknown-op", f"unknown request {op!r}")
         return await method(args)
 
+    def _resolver(self, args: dict[str, Any]) -> tuple[str, int] | None:
+        """The DNS server a request names, else the one serve was given."""
+        given = args.get("resolver")
+        if given is not None and not isinstance(given, str):
+            raise ServiceError("bad-request", "resolver must be ADDRESS:PORT")
+        return _address(given) if given else self.resolver
+
     async def op_ping(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"version": PROTOCOL_VERSION, "pid": os.getpid(), "root": str(self.root.path)}
 
@@ -165,10 +172,7 @@ class Service:
         address = args.get("address")
         if not isinstance(address, str) or not address or "\n" in address:
             raise ServiceError("bad-request", "explain needs one address")
-        given = args.get("resolver")
-        if given is not None and not isinstance(given, str):
-            raise ServiceError("bad-request", "resolver must be ADDRESS:PORT")
-        where = _address(given) if given else self.resolver
+        where = self._resolver(args)
         result = await self.send.io(explain, self.root, self.config(), address, where)
         return result.as_dict()
 
@@ -186,10 +190,7 @@ class Service:
         texts = [ip, sender, *rcpts, helo or ""]
         if any("\n" in t or "\r" in t or "\0" in t for t in texts):
             raise ServiceError("bad-request", "no line breaks or NULs in smtpcheck's arguments")
-        given = args.get("resolver")
-        if given is not None and not isinstance(given, str):
-            raise ServiceError("bad-request", "resolver must be ADDRESS:PORT")
-        where = _address(given) if given else self.resolver
+        where = self._resolver(args)
         result = await smtpcheck(
             self.root, self.config(), ip, helo, sender, list(rcpts), self.send.io, where
         )

@@ -18,6 +18,7 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from core import ipme
 from core.control import Config
@@ -623,9 +624,15 @@ class _Data:
         return bytes(self.raw[: end + 2]), bytes(self.raw[end + 5 :])
 
 
-def tls_context(pem: str) -> ssl.SSLContext:
-    """control/servercert.pem holds the certificate and its key, as the qmail TLS
-    patch keeps them."""
+def server_tls(pem: Path) -> tuple[ssl.SSLContext | None, str | None]:
+    """STARTTLS's context from control/servercert.pem, which holds the
+    certificate and its key as the qmail TLS patch keeps them: (context, None);
+    (None, why) when it does not load; (None, None) when there is no file."""
+    if not pem.exists():
+        return None, None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(certfile=pem)
-    return context
+    try:
+        context.load_cert_chain(certfile=str(pem))
+    except (OSError, ssl.SSLError) as e:
+        return None, str(e)
+    return context, None

@@ -24,7 +24,7 @@ from dataclasses import replace
 from core import control
 from core.paths import QmailRoot
 from core.queue import Queue, QueueError
-from core.smtpd import Client, Close, Deliver, Policy, Session, StartTLS, tls_context
+from core.smtpd import Client, Close, Deliver, Policy, Session, StartTLS, server_tls
 
 CONTROLS_FAILED = b"421 unable to read controls (#4.3.0)\r\n"
 
@@ -146,13 +146,9 @@ def serve(root: QmailRoot, env: Mapping[str, str], infd: int = 0, outfd: int = 1
         sys.stderr.write(f"qmailtui smtpd: {why}\n")
         _write(outfd, CONTROLS_FAILED)
         return 1
-    context = None
-    pem = root.control_file("servercert.pem")
-    if pem.exists():
-        try:
-            context = tls_context(str(pem))
-        except (OSError, ssl.SSLError) as e:
-            sys.stderr.write(f"qmailtui smtpd: control/servercert.pem: {e}; no STARTTLS\n")
+    context, trouble = server_tls(root.control_file("servercert.pem"))
+    if trouble is not None:
+        sys.stderr.write(f"qmailtui smtpd: control/servercert.pem: {trouble}; no STARTTLS\n")
     if context is not None:
         policy = replace(policy, tls=True)
     session = Session(policy, Client.from_env(env))

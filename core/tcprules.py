@@ -13,13 +13,13 @@ and the str-facing helpers decode UTF-8 with surrogateescape so none is lost.
 from __future__ import annotations
 
 import errno
-import os
 import re
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.durable import replace_file
 from core.errors import Problem
 
 _U64 = 2**64  # tcprules reads range bounds with scan_ulong: 64-bit, wrapping
@@ -395,32 +395,10 @@ def compile_and_swap(source: Path, cdb: Path) -> list[Problem]:
         return problems
     tmp = cdb.with_suffix(".tmp")
     try:
-        write_and_rename(tmp, cdb, compile_cdb(rules))
+        replace_file(tmp, cdb, compile_cdb(rules))
     except OSError as error:
         problems.append(Problem(tmp, None, f"unable to write: {error_str(error.errno)}"))
     return problems
-
-
-def write_and_rename(tmp: Path, target: Path, data: bytes) -> None:
-    """tcprules' ending: write TMP (mode 0644 less the umask), fsync, rename onto target."""
-    fd = os.open(tmp, os.O_WRONLY | os.O_NONBLOCK | os.O_TRUNC | os.O_CREAT, 0o644)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)  # the rename must reach the disk too
-    finally:
-        os.close(directory)
 
 
 # ---------------------------------------------------------------- the look-up

@@ -14,7 +14,6 @@ qmail's `case_lowerb` (ASCII A-Z only), never `str.lower`.
 from __future__ import annotations
 
 import io
-import os
 import re
 import struct
 from collections.abc import Callable, Iterable
@@ -24,6 +23,7 @@ from typing import TypeVar
 
 import cdblib
 
+from core.durable import replace_file
 from core.errors import ExitCode, Problem, UserError, os_reason
 from core.paths import QmailRoot
 
@@ -289,32 +289,10 @@ def newu(root: QmailRoot) -> list[Problem]:
         return problems
     tmp = root.users / "cdb.tmp"
     try:
-        _write_durably(tmp, root.users_cdb, compile_cdb(assignments))
+        replace_file(tmp, root.users_cdb, compile_cdb(assignments), 0o644)  # newu's umask 033
     except OSError as error:
         problems.append(Problem(tmp, None, f"unable to write: {os_reason(error)}"))
     return problems
-
-
-def _write_durably(tmp: Path, target: Path, data: bytes) -> None:
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        try:
-            os.fchmod(fd, 0o644)  # qmail-newu's umask 033, whatever ours is
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)  # the rename must reach the disk too
-    finally:
-        os.close(directory)
 
 
 def lookup(root: QmailRoot, local: str) -> Owner | None:

@@ -303,15 +303,22 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return _run(go())
 
 
-def format_explain(result: dict[str, Any]) -> str:
-    lines = [f"{result['address']}: {result['outcome']}"]
+def format_steps(title: str, steps: list[dict[str, Any]], numbered: bool) -> str:
+    """explain's and smtpcheck's answers: a title, then a step a line with its
+    level's mark and, where known, [file:line]."""
+    lines = [title]
     marks = {"info": " ", "warning": "!", "error": "x"}
-    for n, step in enumerate(result["steps"], 1):
+    for n, step in enumerate(steps, 1):
         where = ""
         if step["file"]:
             where = f"  [{step['file']}" + (f":{step['line']}" if step["line"] else "") + "]"
-        lines.append(f"{marks.get(step['level'], ' ')} {n:2}. {step['text']}{where}")
+        number = f" {n:2}." if numbered else ""
+        lines.append(f"{marks.get(step['level'], ' ')}{number} {step['text']}{where}")
     return "\n".join(lines)
+
+
+def format_explain(result: dict[str, Any]) -> str:
+    return format_steps(f"{result['address']}: {result['outcome']}", result["steps"], True)
 
 
 # -- SMTP ------------------------------------------------------------------------
@@ -347,14 +354,7 @@ def cmd_smtpcheck(args: argparse.Namespace) -> int:
 
 
 def format_smtpcheck(result: dict[str, Any]) -> str:
-    lines = [f"{result['ip']}: {result['outcome']}"]
-    marks = {"info": " ", "warning": "!", "error": "x"}
-    for step in result["steps"]:
-        where = ""
-        if step["file"]:
-            where = f"  [{step['file']}" + (f":{step['line']}" if step["line"] else "") + "]"
-        lines.append(f"{marks.get(step['level'], ' ')} {step['text']}{where}")
-    return "\n".join(lines)
+    return format_steps(f"{result['ip']}: {result['outcome']}", result["steps"], False)
 
 
 # -- inject ----------------------------------------------------------------------
