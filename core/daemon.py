@@ -14,6 +14,7 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core import control, users
 from core.clock import Clock, SystemClock
@@ -30,6 +31,9 @@ from core.paths import QmailRoot
 from core.queue import Queue, QueueError
 from core.send import Send
 from core.service import Service
+
+if TYPE_CHECKING:
+    from core.rspawn import Remote
 
 QUEUE_THREADS = 4
 ASSIGN_CHECK = 1.0  # seconds between looks at users/assign
@@ -97,6 +101,7 @@ def make_send(
     events: Events,
     executor: ThreadPoolExecutor,
     spawner: LocalSpawner | None = None,
+    remote: Remote | None = None,
 ) -> Send:
     """The scheduler; local deliveries go to `spawner`'s process, or (for the
     command line with no core, which only delivers to nobody) run in-process."""
@@ -114,6 +119,7 @@ def make_send(
         events=events,
         local=spawner.deliver if spawner is not None else deliver_local,
         executor=executor,
+        **({"remote": remote.deliver} if remote is not None else {}),
     )
 
 
@@ -127,10 +133,13 @@ class Core:
         ready: Callable[[str], None] | None = None,
         smtp: tuple[str, int] | None = None,
         resolver: tuple[str, int] | None = None,
+        remote_port: int = 25,
     ) -> None:
         self.root = root
         self.smtp_address = smtp  # where to listen; None: no SMTP listener
         self.resolver_address = resolver  # DNS server to ask; None: the system's
+        self.remote_port = remote_port  # where a route names no port
+        self.remote: Remote | None = None
         self.smtp: SmtpServer | None = None
         self._late: asyncio.Future[None] | None = None  # a listener starting after a reload
         self.clock = clock or SystemClock()
@@ -236,6 +245,17 @@ class Core:
         durability = GroupCommit()
         queue = Queue(self.root, id_block=64, durability=durability)
         self.spawner = LocalSpawner(self.root, self._lost_spawn)
+        from core.rspawn import Remote  # aiosmtplib and dnspython: only in a running core
+
+        self.remote = Remote(
+            self.root,
+            queue,
+            self.config,
+            events=self.events,
+            resolver=self.resolver_address,
+            port=self.remote_port,
+        )
+        self.remote.start()
         self.send = make_send(
             self.root,
             queue,
@@ -245,10 +265,12 @@ class Core:
             events=self.events,
             executor=executor,
             spawner=self.spawner,
+            remote=self.remote,
         )
         self.send.syncer = syncer = LoopGroupCommit(loop, durability)
         self.service = Service(self.root, self.send, self.config, self.clock)
         self.service.resolver = self.resolver_address
+        self.service.remote = self.remote
         sock = ControlSocket(self.root.control_socket, self.service)
         trigger = self._listen_trigger(loop)
         handled = self._signals(loop)

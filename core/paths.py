@@ -148,5 +148,9 @@ class QmailRoot:
         return self.queue / "lock" / "trigger"
 
     @property
+    def tcpto(self) -> Path:
+        return self.queue / "lock" / "tcpto"
+
+    @property
     def nextid(self) -> Path:
         return self.queue / "lock" / "nextid"

@@ -16,14 +16,19 @@ no library rewrites them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
+import socket
 import ssl
+import time
 from dataclasses import dataclass
 
 import aiosmtplib
 
 from core.mxroute import Answer
 from core.quote import quote2
+from core.tcpto import Table
 
 NO_CONNECTION = "ZSorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n"
 TEXT_MAX = 5000  # qmail-remote keeps at most this much of a reply
@@ -76,19 +81,26 @@ async def deliver(
     timeoutconnect: float,
     timeoutremote: float,
     tls: ssl.SSLContext | None = None,
+    tcpto: Table | None = None,
 ) -> list[Delivered]:
     """Deliver `message` (LF line ends, as stored) to `recipients`; one result
-    each, in order."""
+    each, in order. With `tcpto`, addresses it marks down are skipped and
+    every connect attempt is recorded there (spec/remote.md §6)."""
     if answer.error is not None:
         return [Delivered(r, answer.error[0], answer.error[1:] + "\n") for r in recipients]
     for candidate in answer.candidates:
+        if tcpto is not None and tcpto.down_until(candidate.ip, time.time()) is not None:
+            continue
         try:
             client = await _connect(
-                candidate.ip, answer.port, helohost, timeoutconnect, timeoutremote
+                candidate.ip, answer.port, helohost, timeoutconnect, timeoutremote, tcpto
             )
         except _Greeting as e:
             said = _remote_said(e.code, e.message)
             text = f"Connected to {e.ip} but greeting failed.\n{said}"
+            return [Delivered(r, "Z", text) for r in recipients]
+        except _Died as e:
+            text = f"Connected to {e.ip} but connection died. (#4.4.2)\n"
             return [Delivered(r, "Z", text) for r in recipients]
         if client is None:
             continue
@@ -102,25 +114,52 @@ async def deliver(
 
 
 async def _connect(
-    ip: str, port: int, helohost: str, timeoutconnect: float, timeoutremote: float
+    ip: str,
+    port: int,
+    helohost: str,
+    timeoutconnect: float,
+    timeoutremote: float,
+    tcpto: Table | None,
 ) -> aiosmtplib.SMTP | None:
+    """Connected and greeted, or None when the connect failed (the next
+    address is tried). Connecting has timeoutconnect, the greeting
+    timeoutremote, as in qmail; only a connect timeout counts in the table."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, (ip, port)), timeoutconnect)
+    except (TimeoutError, OSError) as e:
+        sock.close()
+        timed_out = isinstance(e, TimeoutError) or e.errno == errno.ETIMEDOUT
+        if tcpto is not None:
+            tcpto.record(ip, timed_out, time.time())
+        return None
+    if tcpto is not None:
+        tcpto.record(ip, False, time.time())
     client = aiosmtplib.SMTP(
         hostname=ip,
-        port=port,
         local_hostname=helohost,
         timeout=timeoutremote,
         start_tls=False,
         use_tls=False,
     )
     try:
-        await client.connect(timeout=timeoutconnect)
+        await client.connect(sock=sock, port=None)
     except aiosmtplib.SMTPConnectResponseError as e:
         client.close()
         raise _Greeting(ip, e.code, e.message) from None
     except (aiosmtplib.SMTPException, OSError):
         client.close()
-        return None
+        sock.close()
+        raise _Died(ip) from None
     return client
+
+
+class _Died(Exception):
+    def __init__(self, ip: str) -> None:
+        super().__init__(ip)
+        self.ip = ip
 
 
 class _Greeting(Exception):
@@ -148,7 +187,13 @@ async def _transaction(
                 await _hello(client, ip)
             except (aiosmtplib.SMTPException, ssl.SSLError, OSError):
                 raise _Stop("Z", f"Connected to {ip} but STARTTLS failed.\n") from None
-        reply = await client.execute_command(b"MAIL", b"FROM:<" + _address(sender) + b">")
+        payload = _wire(message)
+        mail = b"FROM:<" + _address(sender) + b">"
+        if client.supports_extension("size"):
+            mail += b" SIZE=%d" % len(payload)
+        if client.supports_extension("8bitmime") and any(b > 127 for b in message):
+            mail += b" BODY=8BITMIME"  # without it the bytes go as they are, as qmail sends them
+        reply = await client.execute_command(b"MAIL", mail)
         if reply.code >= 400:
             letter = "D" if reply.code >= 500 else "Z"
             said = _remote_said(reply.code, reply.message)
@@ -166,7 +211,7 @@ async def _transaction(
             return [results[r] for r in recipients]
         sent: list[bool] = []
         try:
-            start, final = await _data(client, message, client.timeout, sent)
+            start, final = await _data(client, payload, client.timeout, sent)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError):
             if not sent:
                 raise
@@ -193,19 +238,24 @@ async def _transaction(
         return [results.get(r) or Delivered(r, "Z", died) for r in recipients]
 
 
+def _wire(message: bytes) -> bytes:
+    """The message as DATA carries it, as aiosmtplib's execute_data_command
+    makes it: every line end CRLF, every line that starts with a dot
+    stuffed, then `.`."""
+    from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
+
+    return PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message)) + b".\r\n"
+
+
 async def _data(
-    client: aiosmtplib.SMTP, message: bytes, wait: float | None, sent: list[bool]
+    client: aiosmtplib.SMTP, payload: bytes, wait: float | None, sent: list[bool]
 ) -> tuple[aiosmtplib.SMTPResponse, aiosmtplib.SMTPResponse | None]:
     """DATA and the message, with each reply: qmail tells "failed on DATA
     command" from "failed after I sent the message", which aiosmtplib's data()
-    folds into one exception. Same steps as its execute_data_command: line
-    ends normalised, every line that starts with a dot stuffed, then `.`."""
-    from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
-
+    folds into one exception."""
     protocol = client.protocol
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("not connected")
-    payload = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message)) + b".\r\n"
     async with protocol._command_lock:  # type: ignore[union-attr]
         protocol._response_pending = True
         protocol.write(b"DATA\r\n")

@@ -46,10 +46,15 @@ from core.rewrite import route, unvirtual
 T = TypeVar("T")
 Deliverer = Callable[[str, str, int, float], Awaitable[Result]]
 LocalDeliverer = Callable[[str, str, int, float], Result]  # runs in a worker thread
+# one message's recipients of one domain, one result each, in order
+RemoteDeliverer = Callable[[list[str], str, int, float], Awaitable[list[Result]]]
+BATCH_MAX = 100  # recipients in one SMTP transaction: every server must take 100
 TODO_SCAN = 60.0  # seconds between scans of todo/ besides the trigger (qmail: 1500)
+REMOTE_GRACE = 10.0  # seconds TERM waits for remote transactions before it drops them
 SYSFAIL = 123.0  # qmail-send's retry delay after a system error
 PREPROCESS_AT_ONCE = 8
 FORWARDED = re.compile(r"^qp (\d+)$", re.MULTILINE)  # qmail-local's report of a forward
+DROPPED = "Stopped while delivering; the recipient stays queued. (#4.3.0)\n"
 ADMIN_BOUNCE = "Sorry, the postmaster gave up on this message. (#5.0.0)\n"
 
 
@@ -106,8 +111,11 @@ class Pass:
 
 @dataclass
 class Job:
+    """One delivery slot's work: a local recipient, or a message's remote
+    recipients of one domain, which share an SMTP transaction."""
+
     message: Message
-    recipient: Recipient
+    recipients: list[Recipient]
     pass_: Pass
 
 
@@ -146,8 +154,9 @@ class ActionResult:
         }
 
 
-async def _no_remote(recipient: str, sender: str, msgid: int, now: float) -> Result:
-    return Result("Z", "Sorry, remote delivery is not available in this version yet. (#4.3.0)\n")
+async def _no_remote(recipients: list[str], sender: str, msgid: int, now: float) -> list[Result]:
+    text = "Sorry, remote delivery is not available here. (#4.3.0)\n"
+    return [Result("Z", text) for _ in recipients]
 
 
 async def write_steps(
@@ -183,7 +192,7 @@ class Send:
         log: Log,
         events: Events | None = None,
         local: LocalDeliverer | Deliverer,
-        remote: Deliverer = _no_remote,
+        remote: RemoteDeliverer = _no_remote,
         executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self.queue = queue
@@ -204,6 +213,7 @@ class Send:
         self._delivery_numbers = 0
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._in_transaction: set[asyncio.Task[Any]] = set()  # remote, not yet recorded
         self._preprocessing: set[int] = set()
         self._todo_slots = asyncio.Semaphore(PREPROCESS_AT_ONCE)
         self._stopping = False
@@ -402,6 +412,12 @@ class Send:
             for job in self.jobs[channel]:
                 job.pass_.outstanding -= 1
             self.jobs[channel].clear()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=REMOTE_GRACE)
+        for task in list(self._in_transaction):
+            # A far host may keep a transaction for timeoutremote (20 min): past
+            # the grace it is dropped, its recipients still pending, tried again.
+            task.cancel()
         while self._tasks:
             await asyncio.wait(set(self._tasks))
         for message in self.messages.values():
@@ -574,8 +590,9 @@ class Send:
         message.due.pop(channel, None)
         for recipient in pending:
             recipient.busy = True
+        for group in _batches(channel, pending):
             p.outstanding += 1
-            self.jobs[channel].append(Job(message, recipient, p))
+            self.jobs[channel].append(Job(message, group, p))
 
     def _fill(self) -> None:
         for channel in CHANNELS:
@@ -586,70 +603,109 @@ class Send:
                 self._spawn(self._run_job(job))
 
     async def _run_job(self, job: Job) -> None:
-        message, recipient, channel = job.message, job.recipient, job.pass_.channel
-        self._delivery_numbers += 1
-        number = self._delivery_numbers
+        message, channel = job.message, job.pass_.channel
+        numbers = []
         try:
             if message.removed:
                 return
-            self.log.line(
-                f"starting delivery {number}: msg {message.id} to {channel}"
-                f" {safe(recipient.address)}"
-            )
+            for recipient in job.recipients:
+                self._delivery_numbers += 1
+                numbers.append(self._delivery_numbers)
+                self.log.line(
+                    f"starting delivery {self._delivery_numbers}: msg {message.id} to {channel}"
+                    f" {safe(recipient.address)}"
+                )
+                self.events.publish(
+                    "delivery-started",
+                    number=self._delivery_numbers,
+                    id=message.id,
+                    channel=channel,
+                    recipient=recipient.address,
+                )
             self._log_status()
-            self.events.publish(
-                "delivery-started",
-                number=number,
-                id=message.id,
-                channel=channel,
-                recipient=recipient.address,
-            )
-            now = self.clock.now()
-            if channel == "local" and not self._local_is_async:
-                status, text = await self.io(self._deliver_local_sync, job, now)
-            else:
-                deliverer = cast(Deliverer, self.local) if channel == "local" else self.remote
-                try:
-                    result = await deliverer(recipient.address, message.sender, message.id, now)
-                except Exception as e:  # a bug in a deliverer must not lose the message
-                    result = Result("Z", f"Internal error in delivery: {e!r} (#4.3.0)\n")
-                quick = result.status == "K" or (
-                    result.status == "Z" and not (job.pass_.dying or message.giving_up)
-                )  # a failure appends to bounce/N with an fsync: that one goes to a thread
-                if quick:
-                    status, text = await self.quick_io(self._record_sync, job, result)
-                else:
-                    status, text = await self.io(self._record_sync, job, result)
-            forwarded = FORWARDED.search(text) if channel == "local" and status == "K" else None
-            if forwarded:
-                self._new_todo(int(forwarded.group(1)))
-            self._recorded(number, job, status, text)
+            try:
+                outcomes = await self._attempt(job, self.clock.now())
+            except asyncio.CancelledError:  # TERM's grace ran out: pending, tried again
+                for number in numbers:
+                    self.log.line(f"delivery {number}: deferral: {safe(DROPPED)}")
+                raise
+            for number, recipient, (status, text) in zip(
+                numbers, job.recipients, outcomes, strict=True
+            ):
+                forwarded = FORWARDED.search(text) if channel == "local" and status == "K" else None
+                if forwarded:
+                    self._new_todo(int(forwarded.group(1)))
+                self._recorded(number, message, recipient, status, text)
         finally:
             self.active[channel] -= 1
-            recipient.busy = False
+            for recipient in job.recipients:
+                recipient.busy = False
             job.pass_.outstanding -= 1
             if job.pass_.outstanding == 0:
                 await self._end_pass(job.pass_)
             self._log_status()
             self._fill()
 
+    async def _attempt(self, job: Job, now: float) -> list[tuple[str, str]]:
+        """Deliver, then record each result in the channel file (and bounce/N)."""
+        message = job.message
+        if job.pass_.channel == "local" and not self._local_is_async:
+            return [await self.io(self._deliver_local_sync, job, now)]
+        results = await self._deliver(job, now)
+        # a failure appends to bounce/N with an fsync: that goes to a thread
+        fails = any(
+            r.status == "D" or (r.status == "Z" and (job.pass_.dying or message.giving_up))
+            for r in results
+        )
+        record = self.io if fails else self.quick_io
+        return await record(self._record_all, job, results)
+
+    async def _deliver(self, job: Job, now: float) -> list[Result]:
+        """The deliverer's results, one per recipient whatever happens: a bug
+        in a deliverer must not lose the message."""
+        message = job.message
+        addresses = [r.address for r in job.recipients]
+        try:
+            if job.pass_.channel == "local":
+                local = cast(Deliverer, self.local)
+                results = [await local(addresses[0], message.sender, message.id, now)]
+            else:
+                task = asyncio.current_task()
+                assert task is not None
+                self._in_transaction.add(task)
+                try:
+                    results = await self.remote(addresses, message.sender, message.id, now)
+                finally:
+                    self._in_transaction.discard(task)
+            if len(results) != len(addresses):
+                raise ValueError(f"{len(results)} results for {len(addresses)} recipients")
+        except Exception as e:
+            return [Result("Z", f"Internal error in delivery: {e!r} (#4.3.0)\n") for _ in addresses]
+        return results
+
     def _deliver_local_sync(self, job: Job, now: float) -> tuple[str, str]:
         """Deliver and record the result in the same worker-thread hop."""
-        message, recipient = job.message, job.recipient
+        message, recipient = job.message, job.recipients[0]
         deliver = cast(LocalDeliverer, self.local)
         try:
             result = deliver(recipient.address, message.sender, message.id, now)
         except Exception as e:  # a bug in local delivery must not lose the message
             result = Result("Z", f"Internal error in delivery: {e!r} (#4.3.0)\n")
-        return self._record_sync(job, result)
+        return self._record_sync(job, recipient, result)
 
-    def _record_sync(self, job: Job, result: Result) -> tuple[str, str]:
+    def _record_all(self, job: Job, results: list[Result]) -> list[tuple[str, str]]:
+        return [
+            self._record_sync(job, r, result)
+            for r, result in zip(job.recipients, results, strict=True)
+        ]
+
+    def _record_sync(self, job: Job, recipient: Recipient, result: Result) -> tuple[str, str]:
         """Turn a result into the channel file's D mark and the bounce report.
 
         A deferral in a pass past the lifetime, or of a message the postmaster
         bounced, is a failure (send.md §5). Returns the final (status, text).
         """
-        message, recipient = job.message, job.recipient
+        message = job.message
         status, text = result.status, result.text
         if status == "Z" and (job.pass_.dying or message.giving_up):
             status = "D"
@@ -674,8 +730,9 @@ class Send:
             return "Z", text
         return status, text
 
-    def _recorded(self, number: int, job: Job, status: str, text: str) -> None:
-        message, recipient = job.message, job.recipient
+    def _recorded(
+        self, number: int, message: Message, recipient: Recipient, status: str, text: str
+    ) -> None:
         word = {"K": "success", "Z": "deferral", "D": "failure"}.get(status)
         if word is None:
             self.log.line(f"delivery {number}: report mangled, will defer")
@@ -917,3 +974,19 @@ class Send:
         self.log.line(f"info msg {message.id}: deleted by the postmaster")
         self.log.line(f"end msg {message.id}")
         self.events.publish("removed", id=message.id)
+
+
+def _batches(channel: str, pending: list[Recipient]) -> list[list[Recipient]]:
+    """Local: one recipient each. Remote: a domain's recipients together (the
+    domain compared without case), at most BATCH_MAX to a transaction, in the
+    order the domains first appear."""
+    if channel == "local":
+        return [[r] for r in pending]
+    groups: dict[str, list[Recipient]] = {}
+    for r in pending:
+        groups.setdefault(r.address.rpartition("@")[2].lower(), []).append(r)
+    return [
+        group[i : i + BATCH_MAX]
+        for group in groups.values()
+        for i in range(0, len(group), BATCH_MAX)
+    ]

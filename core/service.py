@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core import admin
 from core.clock import Clock
@@ -15,6 +15,11 @@ from core.control import Config
 from core.log import read_lines
 from core.paths import QmailRoot
 from core.send import Send
+from core.timefmt import iso
+
+if TYPE_CHECKING:
+    from core.rspawn import Remote
+    from core.tcpto import Table
 
 PROTOCOL_VERSION = 1
 ACTIONS = ("retry", "bounce", "delete", "hold", "release")
@@ -61,6 +66,7 @@ class Service:
         self.config = config
         self.clock = clock
         self.resolver: tuple[str, int] | None = None  # serve --resolver
+        self.remote: Remote | None = None  # the running core's remote deliveries
 
     async def handle(self, op: str, args: dict[str, Any]) -> Any:
         method = getattr(self, "op_" + op.replace("-", "_"), None)
@@ -128,9 +134,12 @@ class Service:
         except FileNotFoundError:
             raise ServiceError("not-found", f"message {msgid} left the queue meanwhile") from None
         bounce = await self.send.io(self.send.queue.read_bounce, msgid)
+        domains = {r.address.rpartition("@")[2].lower() for r in message.pending("remote")}
+        destinations = self._destinations(domains) if domains else []
         return {
             "message": admin.message_json(message, config),
-            "why": admin.why(message, config, self.clock.now()),
+            "why": admin.why(message, config, self.clock.now()) + _stuck(destinations),
+            "destinations": destinations,
             "log": message_log(lines, msgid),
             "bounce_reports": bounce.decode("utf-8", "replace") if bounce else None,
             "content": data,
@@ -196,6 +205,69 @@ class Service:
         )
         return result.as_dict()
 
+    def _destinations(self, only: set[str] | None = None) -> list[dict[str, Any]]:
+        """Per remote domain: in flight, queued, last reply, addresses marked down."""
+        queued: dict[str, int] = {}
+        for message in self.send.messages.values():
+            if message.removed:
+                continue
+            for r in message.pending("remote"):
+                domain = r.address.rpartition("@")[2].lower()
+                if not r.busy and (only is None or domain in only):
+                    queued[domain] = queued.get(domain, 0) + 1
+        rows: list[dict[str, Any]]
+        if self.remote is None:  # no core running: nothing in flight, no history
+            rows = [
+                {"domain": d, "in_flight": 0, "queued": n, "last_status": None}
+                for d, n in sorted(queued.items())
+            ]
+        else:
+            rows = self.remote.snapshot(queued, self.clock.now())
+        if only is not None:
+            rows = [r for r in rows if r["domain"] in only]
+        for row in rows:
+            row["last_attempt"] = iso(row.get("last_attempt"))
+            row["down_until"] = {ip: iso(t) for ip, t in row.get("down_until", {}).items()}
+        return rows
+
+    async def op_destinations(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "concurrency": {
+                "remote": self.send.active["remote"],
+                "remote_max": self.send.limit("remote"),
+            },
+            "destinations": self._destinations(),
+        }
+
+    def _tcpto(self) -> Table:
+        from core.tcpto import Table
+
+        return self.remote.tcpto if self.remote is not None else Table(self.root.tcpto)
+
+    async def op_tcpto(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The timeout table, as qmail-tcpto prints it and as data."""
+        from core.tcpto import describe
+
+        now = self.clock.now()
+        entries = self._tcpto().entries(now)
+        return {
+            "entries": [
+                {
+                    "ip": e.ip,
+                    "count": e.count,
+                    "last_timeout": iso(e.when),
+                    "down_until": iso(e.down_until),
+                    "text": describe(e, now),
+                }
+                for e in entries
+            ]
+        }
+
+    async def op_tcpok(self, args: dict[str, Any]) -> dict[str, Any]:
+        """qmail-tcpok: forget every timeout, so down hosts are tried again."""
+        self._tcpto().clear()
+        return {"ok": True}
+
     async def op_retry_all(self, args: dict[str, Any]) -> dict[str, Any]:
         self.send.retry_all()
         return {"ok": True}
@@ -206,3 +278,17 @@ def _address(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise ServiceError("bad-request", f"resolver {text!r}: expected ADDRESS:PORT")
     return host.strip("[]"), int(port)
+
+
+def _stuck(destinations: list[dict[str, Any]]) -> list[str]:
+    """What the destinations add to "why is this stuck"."""
+    lines = []
+    for d in destinations:
+        for ip, until in d.get("down_until", {}).items():
+            lines.append(
+                f"{d['domain']}: {ip} timed out twice, skipped until {until}"
+                " (the timeout table; `qmailtui tcpok` forgets it)"
+            )
+        if d.get("in_flight"):
+            lines.append(f"{d['domain']}: {d['in_flight']} SMTP transaction(s) in progress")
+    return lines

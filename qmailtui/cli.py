@@ -89,9 +89,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     smtp = None if args.smtp == "off" else _address(args.smtp, "--smtp")
     resolver = None if args.resolver is None else _address(args.resolver, "--resolver")
-    core = Core(_root(args), log_stderr=not args.quiet, ready=ready, smtp=smtp, resolver=resolver)
+    core = Core(
+        _root(args),
+        log_stderr=not args.quiet,
+        ready=ready,
+        smtp=smtp,
+        resolver=resolver,
+        remote_port=args.remote_port,
+    )
     _run_core(core)
     return 0
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}")
+    return int(text)
 
 
 def _address(text: str, option: str) -> tuple[str, int]:
@@ -183,6 +196,63 @@ def cmd_show(args: argparse.Namespace) -> int:
     return _run(go())
 
 
+def cmd_destinations(args: argparse.Namespace) -> int:
+    from qmailtui.client import connect
+
+    async def go() -> int:
+        async with connect(_root(args)) as client:
+            result = await client.call("destinations")
+        if args.json:
+            print(json.dumps(result, ensure_ascii=False, indent=2))
+            return 0
+        print(format_destinations(result))
+        return 0
+
+    return _run(go())
+
+
+def format_destinations(result: dict[str, Any]) -> str:
+    c = result["concurrency"]
+    lines = [f"remote {c['remote']}/{c['remote_max']}"]
+    for d in result["destinations"]:
+        lines.append(
+            f"{d['domain']}: {d['in_flight']} in flight, {d['queued']} queued"
+            + (f", last {d['last_attempt']}" if d.get("last_attempt") else "")
+        )
+        if d.get("last_reply"):
+            lines += [f"  {line}" for line in d["last_reply"].splitlines()]
+        for ip, until in d.get("down_until", {}).items():
+            lines.append(f"  {ip} is marked down until {until}")
+    return "\n".join(lines)
+
+
+def cmd_tcpto(args: argparse.Namespace) -> int:
+    from qmailtui.client import connect
+
+    async def go() -> int:
+        async with connect(_root(args)) as client:
+            result = await client.call("tcpto")
+        if args.json:
+            print(json.dumps(result, ensure_ascii=False, indent=2))
+        else:
+            for entry in result["entries"]:
+                print(entry["text"])
+        return 0
+
+    return _run(go())
+
+
+def cmd_tcpok(args: argparse.Namespace) -> int:
+    from qmailtui.client import connect
+
+    async def go() -> int:
+        async with connect(_root(args)) as client:
+            await client.call("tcpok")
+        return 0
+
+    return _run(go())
+
+
 def format_show(result: dict[str, Any]) -> str:
     m = result["message"]
     lines = [
@@ -206,6 +276,12 @@ def format_show(result: dict[str, Any]) -> str:
     if result["why"]:
         lines.append("why it is still here")
         lines += [f"  {w}" for w in result["why"]]
+    for d in result.get("destinations", []):
+        lines.append(f"destination {d['domain']}")
+        lines.append(f"  {d['in_flight']} in flight, {d['queued']} queued")
+        if d.get("last_reply"):
+            lines.append(f"  last reply ({d.get('last_attempt') or '-'}):")
+            lines += [f"    {line}" for line in d["last_reply"].splitlines()]
     if result.get("bounce_reports"):
         lines.append("failures gathered for the bounce")
         lines += [f"  {b}" for b in result["bounce_reports"].rstrip("\n").splitlines()]
@@ -432,6 +508,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resolver", metavar="ADDR:PORT", help="send DNS look-ups there (default: the system's)"
     )
+    p.add_argument(
+        "--remote-port",
+        type=_port,
+        default=25,
+        metavar="N",
+        help="port for remote deliveries whose route names none (default 25)",
+    )
     p = command("init", cmd_init, "create a qmail root")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--me", required=True, metavar="HOST", help="this host's name")
@@ -466,6 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolver", metavar="ADDR:PORT", help="DNS server for the client's name")
     p.add_argument("--json", action="store_true")
     command("smtpd", cmd_smtpd, "one SMTP session on standard input/output, like qmail-smtpd")
+    p = command("tcpto", cmd_tcpto, "remote addresses that timed out, like qmail-tcpto")
+    p.add_argument("--json", action="store_true")
+    command("tcpok", cmd_tcpok, "forget those timeouts, like qmail-tcpok")
 
     q = command("queue", lambda a: 2, "list and act on the queue")
     qsub = q.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
@@ -479,6 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", type=int)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_show)
+    p = qsub.add_parser("destinations", help="remote domains: in flight, queued, last reply")
+    _add_root(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_destinations)
     helps = {
         "retry": "try now, past the schedule",
         "bounce": "give up now and bounce",
