@@ -125,9 +125,10 @@ async def find(
         return answer
     if answer.error is not None:
         return answer
-    for candidate in answer.found:
-        if ipme.is_me(candidate.ip):
-            prefme = min(prefme, candidate.preference)
+    if answer.how != "smtproutes":  # qmail-remote: a relay host is never "this host"
+        for candidate in answer.found:
+            if ipme.is_me(candidate.ip):
+                prefme = min(prefme, candidate.preference)
     answer.candidates = [c for c in answer.found if c.preference < prefme]
     if not answer.candidates:
         answer.error = THIS_HOST

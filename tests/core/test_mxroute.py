@@ -113,6 +113,18 @@ async def test_smtproutes_relay_and_port_without_mx(root: QmailRoot) -> None:
     assert sub.route.relay == ""
 
 
+async def test_a_relay_on_this_host_is_tried_not_refused(root: QmailRoot) -> None:
+    """qmail-remote sets prefme past every preference for a relay host, after
+    its ipme check: smtproutes may point at a filter on 127.0.0.1."""
+    (root.control / "smtproutes").write_text("self.test:127.0.0.1:10025\n")
+    with dns_server(ZONE) as dns:
+        answer = await find(root, "self.test", dns.address)
+        literal = await find(root, "[127.0.0.1]", dns.address)
+    assert answer.error is None
+    assert [(c.ip, answer.port) for c in answer.candidates] == [("127.0.0.1", 10025)]
+    assert literal.error == mxroute.THIS_HOST  # a literal is no relay: the rule holds
+
+
 async def test_an_address_literal_is_used_as_it_is(root: QmailRoot) -> None:
     with dns_server(ZONE) as dns:
         answer = await find(root, "[198.51.100.9]", dns.address)

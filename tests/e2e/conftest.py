@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from core.paths import QmailRoot
-from tests.processes import serve_options
+from tests.processes import no_world, serve_options
 
 
 def qmailtui(
@@ -36,6 +36,7 @@ def qmailtui(
 class Server:
     def __init__(self, root: QmailRoot) -> None:
         self.root = root
+        no_world(root)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "qmailtui", "serve", "--root", str(root.path), *serve_options()],
             stdout=subprocess.PIPE,

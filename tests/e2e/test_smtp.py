@@ -32,7 +32,7 @@ import pytest
 
 from core.paths import QmailRoot
 from tests.e2e.conftest import qmailtui
-from tests.processes import CLI, maildir_files, read_line, stop, wait_until
+from tests.processes import CLI, maildir_files, no_world, read_line, stop, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -102,7 +102,10 @@ class Mta:
 @contextlib.contextmanager
 def serving(root: QmailRoot, *, listens: bool = True, resolver: str | None = None) -> Iterator[Mta]:
     """`qmailtui --root ROOT serve --smtp 127.0.0.1:0 --pop3 off` for the block;
-    `listens=False`: its ready line must say `smtp=off`."""
+    `listens=False`: its ready line must say `smtp=off`. Unless a test routes
+    them itself, remote deliveries go to 127.0.0.1:1 and defer at once: a
+    relayed message stays queued, and no test asks the world's DNS."""
+    no_world(root)
     errors = root.path.parent / "serve.stderr"
     extra = ["--resolver", resolver] if resolver else []
     with open(errors, "ab") as err:
