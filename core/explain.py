@@ -112,9 +112,29 @@ def _remote(
         kind = "deferred" if letter == "Z" else "bounced"
         ex.outcome = f"remote: {kind} ({text})"
         return
-    first = answer.candidates[0]
+    import time
+
+    from core.tcpto import Table
+    from core.timefmt import iso
+
+    table, now = Table(root.tcpto), time.time()
+    usable = []
+    for c in answer.candidates:
+        until = table.down_until(c.ip, now)
+        if until is None:
+            usable.append(c)
+        else:
+            step(
+                f"{c.ip} timed out twice: skipped until {iso(until)} (qmailtui tcpok forgets it)",
+                root.tcpto,
+                level="warning",
+            )
+    if not usable:
+        ex.outcome = "remote: deferred (every address is marked down)"
+        return
+    first = usable[0]
     ex.outcome = f"remote: to {first.ip} port {answer.port} ({first.name})"
-    step("remote delivery is not built yet: the message would wait in the queue, deferred")
+    step(f"SMTP to {first.ip} port {answer.port}; if it does not answer, the next address")
 
 
 def explain(

@@ -182,7 +182,8 @@ class Service:
         if not isinstance(address, str) or not address or "\n" in address:
             raise ServiceError("bad-request", "explain needs one address")
         where = self._resolver(args)
-        result = await self.send.io(explain, self.root, self.config(), address, where)
+        port = self.remote.port if self.remote is not None else 25
+        result = await self.send.io(explain, self.root, self.config(), address, where, port)
         return result.as_dict()
 
     async def op_smtpcheck(self, args: dict[str, Any]) -> dict[str, Any]:

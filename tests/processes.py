@@ -94,7 +94,9 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
 
 
 @contextlib.contextmanager
-def serving(root: QmailRoot, timeout: float = 30.0) -> Iterator[subprocess.Popen[bytes]]:
+def serving(
+    root: QmailRoot, timeout: float = 30.0, extra: tuple[str, ...] = ()
+) -> Iterator[subprocess.Popen[bytes]]:
     """`qmailtui serve --root ROOT`, up (its `ready` line read) for the block.
     With no smtproutes, remote deliveries go to 127.0.0.1:1 and defer at once:
     no test asks the world's DNS unless it routes mail itself."""
@@ -102,7 +104,7 @@ def serving(root: QmailRoot, timeout: float = 30.0) -> Iterator[subprocess.Popen
     errors = root.path.parent / "serve.stderr"
     with open(errors, "ab") as err:
         proc = subprocess.Popen(
-            [*CLI, "serve", "--root", str(root.path), *serve_options()],
+            [*CLI, "serve", "--root", str(root.path), *serve_options(), *extra],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=err,

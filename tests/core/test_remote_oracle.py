@@ -85,3 +85,63 @@ async def test_same_result_for_a_bad_greeting(
         expected = theirs(oracle, tmp_path, port, "u@example.test")
         got = await ours(port, "u@example.test")
     assert got == expected
+
+
+# -- the timeout table: same skips, same bytes left in queue/lock/tcpto -----------------
+
+
+def table(ip: str, count: int, when: int) -> bytes:
+    import ipaddress
+    import struct
+
+    record = ipaddress.IPv4Address(ip).packed + bytes([count, 0, 0, 0])
+    record += struct.pack("<I", when) + bytes(4)
+    return record + bytes(1024 - 16)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+TABLES = {
+    "recently timed out twice: skipped": (2, 0, True),
+    "timed out twice long ago: tried, cleared": (2, -10_000, True),
+    "timed out once: tried, cleared": (1, 0, True),
+    "refused: cleared like a success": (1, 0, False),
+}
+
+
+@pytest.mark.parametrize("name", TABLES)
+async def test_the_timeout_table_as_qmail_remote_reads_and_writes_it(
+    name: str, oracle: Path, tmp_path: Path
+) -> None:
+    import time
+
+    from core.tcpto import Table
+
+    count, age, listening = TABLES[name]
+    start = table("127.0.0.1", count, int(time.time()) + age)
+    lock = tmp_path / "inst" / "queue" / "lock"
+    lock.mkdir(parents=True)
+    ours_file = tmp_path / "ours.tcpto"
+    with sink(Sink()) as port:
+        port = port if listening else free_port()
+        (lock / "tcpto").write_bytes(start)
+        expected = theirs(oracle, tmp_path, port, "u@example.test")
+        ours_file.write_bytes(start)
+        [result] = await deliver(
+            route(port),
+            "a@b.test",
+            ["u@example.test"],
+            MESSAGE,
+            helohost="mx.example.org",
+            timeoutconnect=5,
+            timeoutremote=10,
+            tcpto=Table(ours_file),
+        )
+    assert (result.status, result.text) == expected
+    assert ours_file.read_bytes() == (lock / "tcpto").read_bytes()
