@@ -245,7 +245,7 @@ class Core:
         durability = GroupCommit()
         queue = Queue(self.root, id_block=64, durability=durability)
         self.spawner = LocalSpawner(self.root, self._lost_spawn)
-        from core.rspawn import Remote  # aiosmtplib and dnspython: only in a running core
+        from core.rspawn import Remote  # dnspython and the SMTP client: only in a running core
 
         self.remote = Remote(
             self.root,
