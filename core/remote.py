@@ -20,11 +20,11 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from core.mxroute import Answer
 from core.quote import quote2
 from core.smtpclient import Client, Dropped, Reply, wire
-from core.tcpto import Table
 
 NO_CONNECTION = "Sorry, I wasn't able to establish an SMTP connection. (#4.4.1)\n"
 
@@ -36,6 +36,14 @@ class Delivered:
     recipient: str
     status: str  # "K", "Z" or "D"
     text: str
+
+
+class Timeouts(Protocol):
+    """The timeout table as delivery uses it (core/tcpto.py's Table)."""
+
+    def down_until(self, ip: str, now: float) -> float | None: ...
+
+    def record(self, ip: str, timed_out: bool, now: float) -> None: ...
 
 
 class _Stop(Exception):
@@ -72,7 +80,7 @@ async def deliver(
     timeoutconnect: float,
     timeoutremote: float,
     tls: ssl.SSLContext | None = None,
-    tcpto: Table | None = None,
+    tcpto: Timeouts | None = None,
 ) -> list[Delivered]:
     """Deliver `message` (LF line ends, as stored) to `recipients`; one result
     each, in order. With `tcpto`, addresses it marks down are skipped and
@@ -101,7 +109,7 @@ async def deliver(
 
 
 async def _connect(
-    ip: str, port: int, timeoutconnect: float, tcpto: Table | None
+    ip: str, port: int, timeoutconnect: float, tcpto: Timeouts | None
 ) -> socket.socket | None:
     """A connected socket, or None (the next address is tried). Only a
     timeout counts in the table; a refusal clears it like a success."""

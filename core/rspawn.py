@@ -29,6 +29,7 @@ from core.rdns import resolver_for
 from core.tcpto import Table
 
 READ_INLINE = 256 * 1024  # a message this small is read on the loop itself
+PROBE_HOLD = 600.0  # seconds a connect timeout makes a destination take one attempt at a time
 KEEP_DESTINATIONS = 10000
 
 
@@ -41,6 +42,7 @@ class Destination:
     last_reply: str | None = None
     last_attempt: float | None = None
     addresses: list[str] = field(default_factory=list)  # the last route's, in try order
+    timed_out_at: float | None = None  # the last transaction found no address answering
 
     def as_dict(self, down_hosts: dict[str, float], queued: int) -> dict[str, Any]:
         down = {ip: down_hosts[ip] for ip in self.addresses if ip in down_hosts}
@@ -54,6 +56,7 @@ class Destination:
             "last_attempt": self.last_attempt,
             "addresses": list(self.addresses),
             "down_until": down,
+            "timed_out_at": self.timed_out_at,
         }
 
 
@@ -96,11 +99,25 @@ class Remote:
         """One transaction to the domain of `recipients` (all the same)."""
         domain = recipients[0].rpartition("@")[2]
         dest = self.destinations.setdefault(domain.lower(), Destination(domain.lower()))
+        if (
+            dest.in_flight
+            and dest.timed_out_at is not None
+            and now - dest.timed_out_at < PROBE_HOLD
+        ):
+            # Its hosts did not answer last time and an attempt is under way:
+            # waiting another timeoutconnect here would only hold a slot.
+            ago = int(now - dest.timed_out_at)
+            text = (
+                f"{remote.NO_CONNECTION}Not tried: connecting to {dest.domain} timed out"
+                f" {ago} seconds ago, and another attempt is under way.\n"
+            )
+            return [Result("Z", text) for _ in recipients]
         dest.in_flight += 1
         dest.recipients_in_flight += len(recipients)
         self._publish(dest)
+        watch = _Watch(self.tcpto)
         try:
-            results = await self._deliver(dest, domain, recipients, sender, msgid)
+            results = await self._deliver(dest, domain, recipients, sender, msgid, watch)
         finally:
             dest.in_flight -= 1
             dest.recipients_in_flight -= len(recipients)
@@ -109,13 +126,23 @@ class Remote:
             worst = max(results, key=lambda r: "KZD".index(r.status))
             dest.last_status, dest.last_reply = worst.status, worst.text.rstrip("\n")
         dest.last_attempt = now
+        if watch.answered:
+            dest.timed_out_at = None
+        elif watch.timeouts:
+            dest.timed_out_at = now
         self._publish(dest)
         if len(self.destinations) > KEEP_DESTINATIONS:
             self._forget_oldest()
         return [Result(r.status, r.text) for r in results]
 
     async def _deliver(
-        self, dest: Destination, domain: str, recipients: list[str], sender: str, msgid: int
+        self,
+        dest: Destination,
+        domain: str,
+        recipients: list[str],
+        sender: str,
+        msgid: int,
+        watch: _Watch,
     ) -> list[remote.Delivered]:
         config = self.config()
         helohost = config.helohost or config.me
@@ -138,7 +165,7 @@ class Remote:
             timeoutconnect=config.timeoutconnect,
             timeoutremote=config.timeoutremote,
             tls=self.tls,
-            tcpto=self.tcpto,
+            tcpto=watch,
         )
 
     async def _read(self, msgid: int) -> bytes:
@@ -176,3 +203,22 @@ class Remote:
         rows = [d.as_dict(down, queued.get(d.domain, 0)) for d in known.values()]
         rows.sort(key=lambda r: (-r["in_flight"], -r["queued"], r["domain"]))
         return rows
+
+
+class _Watch:
+    """The timeout table for one transaction, noting how its connects went."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+        self.timeouts = 0
+        self.answered = False
+
+    def down_until(self, ip: str, now: float) -> float | None:
+        return self.table.down_until(ip, now)
+
+    def record(self, ip: str, timed_out: bool, now: float) -> None:
+        self.table.record(ip, timed_out, now)
+        if timed_out:
+            self.timeouts += 1
+        else:
+            self.answered = True

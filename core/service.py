@@ -228,6 +228,7 @@ class Service:
             rows = [r for r in rows if r["domain"] in only]
         for row in rows:
             row["last_attempt"] = iso(row.get("last_attempt"))
+            row["timed_out_at"] = iso(row.get("timed_out_at"))
             row["down_until"] = {ip: iso(t) for ip, t in row.get("down_until", {}).items()}
         return rows
 

@@ -45,6 +45,7 @@ ZONE: Records = {
     ("down.test", "MX"): ["10 first.down.test.", "20 second.down.test."],
     ("first.down.test", "A"): [FAST],
     ("second.down.test", "A"): [BACKUP],
+    ("dead.test", "A"): ["127.0.0.20"],  # a listener whose queue is full: connects time out
 }
 MESSAGE = (
     b"From: owner@mx.example.org\nSubject: out\n\n"
@@ -271,3 +272,40 @@ def test_an_address_marked_down_is_skipped_until_tcpok(root: QmailRoot) -> None:
         w.inject("v@down.test")
         [arrival] = w.sinks.wait_for(["v@down.test"], 20)
         assert arrival.sink == FAST
+
+
+@contextmanager
+def black_hole(ip: str, port: int) -> Iterator[None]:
+    """A listener that never accepts, its backlog full: a connect there gets
+    no answer at all, as with a host that is down."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind((ip, port))
+    listener.listen(0)
+    filler = socket.create_connection((ip, port), timeout=5)
+    try:
+        yield
+    finally:
+        filler.close()
+        listener.close()
+
+
+def test_a_host_that_does_not_answer_is_probed_one_attempt_at_a_time(root: QmailRoot) -> None:
+    with (
+        world(root, control={"timeoutconnect": "2\n"}) as w,
+        black_hole("127.0.0.20", w.sinks.port),
+    ):
+        w.inject("a@dead.test")
+        w.wait_log("deferral: Sorry,_I_wasn't_able_to_establish_an_SMTP_connection._(#4.4.1)/")
+        listed = qmailtui(root, "tcpto").stdout
+        assert "127.0.0.20 timed out" in listed, listed
+        assert "# recent timeouts: 1" in listed, listed
+        w.inject("b@dead.test")  # the probe: it waits for timeoutconnect again
+        w.wait_log("to remote b@dead.test")
+        w.inject("c@dead.test")  # not tried while the probe runs
+        w.wait_log("another_attempt_is_under_way./", timeout=5)
+        [dest] = w.json("queue", "destinations")["destinations"]
+        assert dest["domain"] == "dead.test"
+        assert dest["timed_out_at"] is not None
+        assert len(w.queue()) == 3  # all deferred, nothing lost
