@@ -182,33 +182,28 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    return _answer(args, format_show, "show", id=args.id)
+
+
+def _answer(args: argparse.Namespace, text: Callable[[Any], str], op: str, **request: Any) -> int:
+    """One request to the core (or, with none running, to the files): its
+    answer as JSON with --json, else as `text` makes it."""
     from qmailtui.client import connect
 
     async def go() -> int:
         async with connect(_root(args)) as client:
-            result = await client.call("show", id=args.id)
-        if args.json:
+            result = await client.call(op, **request)
+        if getattr(args, "json", False):
             print(json.dumps(result, ensure_ascii=False, indent=2))
-            return 0
-        print(format_show(result))
+        elif shown := text(result):
+            print(shown)
         return 0
 
     return _run(go())
 
 
 def cmd_destinations(args: argparse.Namespace) -> int:
-    from qmailtui.client import connect
-
-    async def go() -> int:
-        async with connect(_root(args)) as client:
-            result = await client.call("destinations")
-        if args.json:
-            print(json.dumps(result, ensure_ascii=False, indent=2))
-            return 0
-        print(format_destinations(result))
-        return 0
-
-    return _run(go())
+    return _answer(args, format_destinations, "destinations")
 
 
 def format_destinations(result: dict[str, Any]) -> str:
@@ -227,30 +222,11 @@ def format_destinations(result: dict[str, Any]) -> str:
 
 
 def cmd_tcpto(args: argparse.Namespace) -> int:
-    from qmailtui.client import connect
-
-    async def go() -> int:
-        async with connect(_root(args)) as client:
-            result = await client.call("tcpto")
-        if args.json:
-            print(json.dumps(result, ensure_ascii=False, indent=2))
-        else:
-            for entry in result["entries"]:
-                print(entry["text"])
-        return 0
-
-    return _run(go())
+    return _answer(args, lambda r: "\n".join(e["text"] for e in r["entries"]), "tcpto")
 
 
 def cmd_tcpok(args: argparse.Namespace) -> int:
-    from qmailtui.client import connect
-
-    async def go() -> int:
-        async with connect(_root(args)) as client:
-            await client.call("tcpok")
-        return 0
-
-    return _run(go())
+    return _answer(args, lambda r: "", "tcpok")
 
 
 def format_show(result: dict[str, Any]) -> str:
@@ -364,19 +340,8 @@ def cmd_act(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from qmailtui.client import connect
-
-    async def go() -> int:
-        async with connect(_root(args)) as client:
-            extra = {"resolver": args.resolver} if args.resolver else {}
-            result = await client.call("explain", address=args.address, **extra)
-        if args.json:
-            print(json.dumps(result, ensure_ascii=False, indent=2))
-            return 0
-        print(format_explain(result))
-        return 0
-
-    return _run(go())
+    extra = {"resolver": args.resolver} if args.resolver else {}
+    return _answer(args, format_explain, "explain", address=args.address, **extra)
 
 
 def format_steps(title: str, steps: list[dict[str, Any]], numbered: bool) -> str:
@@ -407,26 +372,9 @@ def cmd_smtpd(args: argparse.Namespace) -> int:
 
 
 def cmd_smtpcheck(args: argparse.Namespace) -> int:
-    from qmailtui.client import connect
-
-    async def go() -> int:
-        async with connect(_root(args)) as client:
-            extra = {"resolver": args.resolver} if args.resolver else {}
-            result = await client.call(
-                "smtpcheck",
-                ip=args.ip,
-                helo=args.helo,
-                to=args.to,
-                **{"from": args.sender},
-                **extra,
-            )
-        if args.json:
-            print(json.dumps(result, ensure_ascii=False, indent=2))
-            return 0
-        print(format_smtpcheck(result))
-        return 0
-
-    return _run(go())
+    extra = {"resolver": args.resolver} if args.resolver else {}
+    request = {"ip": args.ip, "helo": args.helo, "to": args.to, "from": args.sender, **extra}
+    return _answer(args, format_smtpcheck, "smtpcheck", **request)
 
 
 def format_smtpcheck(result: dict[str, Any]) -> str:

@@ -12,7 +12,7 @@ import pytest
 
 from core.mxroute import Answer, Candidate
 from core.remote import deliver
-from core.smtpclient import Client, wire
+from core.smtpclient import Client, Reply, wire
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -39,6 +39,21 @@ async def client(port: int) -> Client:
     return await Client.over(sock, 5)
 
 
+async def first_reply(sent: bytes) -> Reply:
+    """What the client reads of `sent`, a server's first words."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(sent)
+        await writer.drain()
+        await reader.read(1)
+
+    async with server(script) as port:
+        c = await client(port)
+        reply = await c.reply()
+        c.close()
+    return reply
+
+
 @pytest.mark.parametrize(
     ("sent", "code", "text"),
     [
@@ -53,15 +68,7 @@ async def client(port: int) -> Client:
 async def test_replies_are_read_as_smtpcode_reads_them(
     sent: bytes, code: int | None, text: str | None
 ) -> None:
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(sent)
-        await writer.drain()
-        await reader.read(1)
-
-    async with server(script) as port:
-        c = await client(port)
-        reply = await c.reply()
-        c.close()
+    reply = await first_reply(sent)
     if code is not None:
         assert reply.code == code
     else:
@@ -71,15 +78,8 @@ async def test_replies_are_read_as_smtpcode_reads_them(
 
 
 async def test_a_long_reply_is_kept_to_5000_bytes() -> None:
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"".join(b"250-" + b"x" * 70 + b"\r\n" for _ in range(200)) + b"250 end\r\n")
-        await writer.drain()
-        await reader.read(1)
-
-    async with server(script) as port:
-        c = await client(port)
-        reply = await c.reply()
-        c.close()
+    lines = b"".join(b"250-" + b"x" * 70 + b"\r\n" for _ in range(200))
+    reply = await first_reply(lines + b"250 end\r\n")
     assert reply.code == 250
     assert len(reply.text) == 5000
 
