@@ -33,6 +33,7 @@ from core.send import Send
 from core.service import Service
 
 if TYPE_CHECKING:
+    from core.pop3listen import Pop3Server
     from core.rspawn import Remote
 
 QUEUE_THREADS = 4
@@ -134,12 +135,17 @@ class Core:
         smtp: tuple[str, int] | None = None,
         resolver: tuple[str, int] | None = None,
         remote_port: int = 25,
+        pop3: tuple[str, int] | None = None,
+        checkpassword: list[str] | None = None,
     ) -> None:
         self.root = root
         self.smtp_address = smtp  # where to listen; None: no SMTP listener
         self.resolver_address = resolver  # DNS server to ask; None: the system's
         self.remote_port = remote_port  # where a route names no port
         self.remote: Remote | None = None
+        self.pop3_address = pop3  # where to listen for POP3; None: not at all
+        self.checkpassword = checkpassword  # an external checkpassword; None: users/passwd
+        self.pop3: Pop3Server | None = None
         self.smtp: SmtpServer | None = None
         self._late: asyncio.Future[None] | None = None  # a listener starting after a reload
         self.clock = clock or SystemClock()
@@ -177,6 +183,10 @@ class Core:
             settings = self._smtp_settings()
             if settings is not None:
                 self.smtp.settings = settings
+        if self.pop3 is not None:
+            from core.pop3listen import pop3_settings
+
+            self.pop3.settings = pop3_settings(self.root, new, self.log.line, self.checkpassword)
         elif self.smtp_address is not None and self.send is not None and self._late is None:
             # The listener was held back (no rcpthosts): it may start now.
             self._late = asyncio.ensure_future(self._start_smtp_late())
@@ -278,9 +288,10 @@ class Core:
             await self.send.load(cleanup=True)  # before anything else may write the queue
             await sock.start()
             smtp = await self._start_smtp()
+            pop3 = await self._start_pop3()
             self.started.set()
             if self._ready is not None:
-                self._ready(f"ready smtp={smtp} pop3=off")
+                self._ready(f"ready smtp={smtp} pop3={pop3}")
             watcher = asyncio.ensure_future(self._watch_assign())
             try:
                 await self.send.run(self._stopping)
@@ -294,6 +305,8 @@ class Core:
                 os.close(fd)
             if self.smtp is not None:
                 await self.smtp.close()
+            if self.pop3 is not None:
+                await self.pop3.close()
             await sock.close()
             await self.spawner.close()
             executor.shutdown(wait=True)
@@ -333,6 +346,21 @@ class Core:
         except OSError as e:
             self.smtp = None
             raise UserError(f"unable to listen for SMTP on {host}:{port}: {e.strerror}") from e
+        return f"{bound[0]}:{bound[1]}"
+
+    async def _start_pop3(self) -> str:
+        if self.pop3_address is None:
+            return "off"
+        from core.pop3listen import Pop3Server, pop3_settings
+
+        settings = pop3_settings(self.root, self.config(), self.log.line, self.checkpassword)
+        self.pop3 = Pop3Server(settings, self.log.line)
+        host, port = self.pop3_address
+        try:
+            bound = await self.pop3.start(host, port)
+        except OSError as e:
+            self.pop3 = None
+            raise UserError(f"unable to listen for POP3 on {host}:{port}: {e.strerror}") from e
         return f"{bound[0]}:{bound[1]}"
 
     def _smtp_settings(self) -> Settings | None:

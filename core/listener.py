@@ -20,6 +20,7 @@ import contextlib
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from core.control import Config
@@ -371,12 +372,16 @@ def _without_tls(policy: Policy) -> Policy:
 
 
 def smtp_rules(root: QmailRoot, log: Callable[[str], None]) -> RulesFile:
-    """Compile etc/tcp.smtp into etc/tcp.smtp.cdb, as the admin's `tcprules`
+    return compiled_rules(root, root.tcp_smtp, log)
+
+
+def compiled_rules(root: QmailRoot, source: Path, log: Callable[[str], None]) -> RulesFile:
+    """Compile etc/tcp.NAME into etc/tcp.NAME.cdb, as the admin's `tcprules`
     would; a file with errors leaves the last good cdb in force, and says why."""
-    cdb = root.tcp_smtp.with_name("tcp.smtp.cdb")
-    for problem in compile_and_swap(root.tcp_smtp, cdb):
+    cdb = source.with_name(source.name + ".cdb")
+    for problem in compile_and_swap(source, cdb):
         if problem.is_error:
-            log(f"alert: {problem.format(root.path)}; keeping the last good etc/tcp.smtp.cdb")
+            log(f"alert: {problem.format(root.path)}; keeping the last good etc/{cdb.name}")
         else:
             log(f"warning: {problem.format(root.path)}")
     return RulesFile(cdb)

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -88,6 +89,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGHUP, signal.SIGALRM, signal.SIGINT}
     )
     smtp = None if args.smtp == "off" else _address(args.smtp, "--smtp")
+    pop3 = None if args.pop3 == "off" else _address(args.pop3, "--pop3")
+    checker = shlex.split(args.checkpassword) if args.checkpassword else None
     resolver = None if args.resolver is None else _address(args.resolver, "--resolver")
     core = Core(
         _root(args),
@@ -96,6 +99,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         smtp=smtp,
         resolver=resolver,
         remote_port=args.remote_port,
+        pop3=pop3,
+        checkpassword=checker,
     )
     _run_core(core)
     return 0
@@ -451,7 +456,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to listen for SMTP, or off (default: 0.0.0.0:25 as root, else 127.0.0.1:2525)",
     )
     p.add_argument(
-        "--pop3", metavar="ADDR:PORT", default="off", help="POP3 (not built yet: only off)"
+        "--pop3",
+        metavar="ADDR:PORT",
+        default="0.0.0.0:110" if as_root else "127.0.0.1:1110",
+        help="where to listen for POP3, or off (default: 0.0.0.0:110 as root, else 127.0.0.1:1110)",
+    )
+    p.add_argument(
+        "--checkpassword",
+        metavar="PROG",
+        help="POP3 logins by this checkpassword program (default: users/passwd)",
     )
     p.add_argument(
         "--resolver", metavar="ADDR:PORT", help="send DNS look-ups there (default: the system's)"
@@ -500,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("tcpto", cmd_tcpto, "remote addresses that timed out, like qmail-tcpto")
     p.add_argument("--json", action="store_true")
     command("tcpok", cmd_tcpok, "forget those timeouts, like qmail-tcpok")
+    p = command("passwd", cmd_passwd, "set a user's POP3 password in users/passwd")
+    p.add_argument("user", metavar="USER")
+    p.add_argument("--stdin", action="store_true", help="read the password from standard input")
 
     q = command("queue", lambda a: 2, "list and act on the queue")
     qsub = q.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
@@ -535,6 +551,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _classic(name: str, argv: list[str]) -> int:
+    from core import pop3stdio
+
+    if name == "pop3d":
+        return pop3stdio.main_pop3d(argv)
+    if name == "popup":
+        if len(argv) < 2:
+            print("qmailtui popup: usage: popup HOSTNAME PROG...", file=sys.stderr)
+            return 2
+        return pop3stdio.popup(argv[0], argv[1:])
+    from core import pop3auth
+
+    root = default_root()
+    if argv[:1] == ["--root"] and len(argv) > 1:
+        root, argv = Path(argv[1]), argv[2:]
+    return pop3auth.main(QmailRoot(root), argv)
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    """Set a POP3 password: asked twice on the terminal, or one line on stdin."""
+    import getpass
+
+    from core.checkpassword import set_password
+
+    if args.stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass(f"new POP3 password for {args.user}: ")
+        if getpass.getpass("again: ") != password:
+            raise UserError("the two passwords differ; nothing changed")
+    if not password:
+        raise UserError("an empty password is not allowed; nothing changed")
+    set_password(_root(args).passwd, args.user, password)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         # File names and addresses are bytes from disk and network: never crash on them.
@@ -542,6 +594,9 @@ def main(argv: list[str] | None = None) -> int:
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
     raw = sys.argv[1:] if argv is None else argv
+    if raw[:1] in (["popup"], ["pop3d"], ["checkpassword"]):
+        # qmail-popup's, qmail-pop3d's and checkpassword's interfaces: no argparse.
+        return _classic(raw[0], raw[1:])
     if raw[:1] in (["tcprules"], ["tcprulescheck"]):
         # ucspi-tcp's own argument conventions, bytes and exit codes: no argparse, no --root.
         from qmailtui.tcprulescmd import tcprules_main, tcprulescheck_main

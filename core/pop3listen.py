@@ -1,0 +1,359 @@
+"""The POP3 listener: tcpserver and qmail-popup in the core, checkpassword
+and qmail-pop3d in a child, as the classic chain runs them.
+
+Per connection: tcp rules from etc/tcp.pop3.cdb when etc/tcp.pop3 exists (a
+deny closes the connection without a word), the connection limits, then
+qmail-popup's dialogue (core/popup.py) here, on the event loop. A complete
+login starts `CHECKER... qmailtui pop3d Maildir` with the login on fd 3:
+CHECKER is `serve --checkpassword PROG`, or our own `qmailtui checkpassword`
+on users/passwd. The checker becomes the user and runs pop3d, so the core
+never opens a user's Maildir itself; a symlink in it cannot show anything
+its owner could not read.
+
+The child talks through a socket pair that the core relays to the client.
+That costs a copy, but lets STLS work (the TLS state lives here) and lets
+the lines a client pipelined behind PASS reach pop3d, which qmail loses.
+
+A login that fails is answered after FAIL_DELAY seconds, doubled for every
+recent failure from the same address (up to FAIL_DELAY_MAX), with the same
+text whether the user exists or not. Passwords are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import ssl
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from core import checkpassword
+from core.control import Config
+from core.listener import Limits, compiled_rules
+from core.paths import QmailRoot
+from core.pop3d import TIMEOUT, Lines
+from core.popup import Login, Popup, StartTLS
+from core.smtpd import server_tls
+from core.tcprules import RulesFile
+
+FAIL_DELAY = 1.0  # seconds before a failed login is answered
+FAIL_DELAY_MAX = 16.0
+FAIL_MEMORY = 600.0  # seconds a failure from an address counts toward its next delay
+MAILDIR = "./Maildir/"  # what pop3d serves, relative to the home checkpassword enters
+POP3_TOO_MANY = b"-ERR too many connections, try again later\r\n"
+
+
+@dataclass
+class Pop3Settings:
+    hostname: str
+    checker: list[str]  # the checkpassword program and its own arguments
+    limits: Limits
+    rules: RulesFile | None
+    tls: ssl.SSLContext | None
+    env: dict[str, str]  # PATH and the like, for the checker
+
+
+def pop3_settings(
+    root: QmailRoot,
+    config: Config,
+    log: Callable[[str], None],
+    checker: list[str] | None = None,
+) -> Pop3Settings:
+    """From the configuration: rules from etc/tcp.pop3 when it exists (compiled
+    now), STLS with control/servercert.pem, the SMTP listener's limits."""
+    tls, _ = server_tls(root.control_file("servercert.pem"))  # the SMTP side says why not
+    rules = None
+    if root.tcp_pop3.exists() or root.tcp_pop3.with_name("tcp.pop3.cdb").exists():
+        rules = compiled_rules(root, root.tcp_pop3, log)
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TZ")}
+    return Pop3Settings(
+        config.me or "unknown",
+        checker or builtin_checker(str(root.path)),
+        Limits(config.concurrencyincoming, config.concurrencyperip),
+        rules,
+        tls,
+        env,
+    )
+
+
+def builtin_checker(root: str) -> list[str]:
+    """Our checkpassword on users/passwd, run by this interpreter."""
+    return [sys.executable, "-m", "qmailtui", "checkpassword", "--root", root]
+
+
+class Pop3Server:
+    def __init__(self, settings: Pop3Settings, log: Callable[[str], None]) -> None:
+        self.settings = settings
+        self.log = log
+        self.sessions = 0
+        self.per_ip: dict[str, int] = {}
+        self.failures: dict[str, tuple[int, float]] = {}  # ip -> (recent failures, last)
+        self._server: asyncio.Server | None = None
+        self._connections: set[Pop3Connection] = set()
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: Pop3Connection(self), host, port, backlog=128, reuse_address=True
+        )
+        sockname = self._server.sockets[0].getsockname()
+        return str(sockname[0]), int(sockname[1])
+
+    async def close(self) -> None:
+        """Stop accepting and hang up: a session without QUIT changes nothing."""
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self._connections):
+            connection.hang_up()
+        if self._server is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+
+    def admit(self, connection: Pop3Connection, ip: str) -> bytes | None:
+        limits = self.settings.limits
+        if self.sessions >= limits.connections:
+            return POP3_TOO_MANY
+        if self.per_ip.get(ip, 0) >= limits.per_ip:
+            return POP3_TOO_MANY
+        self.sessions += 1
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        self._connections.add(connection)
+        return None
+
+    def leave(self, connection: Pop3Connection, ip: str) -> None:
+        self._connections.discard(connection)
+        self.sessions -= 1
+        left = self.per_ip[ip] - 1
+        if left:
+            self.per_ip[ip] = left
+        else:
+            del self.per_ip[ip]
+
+    def failed(self, ip: str) -> float:
+        """Count a failed login; the delay before saying so."""
+        now = time.monotonic()
+        count, last = self.failures.get(ip, (0, 0.0))
+        if now - last > FAIL_MEMORY:
+            count = 0
+        self.failures[ip] = (count + 1, now)
+        if len(self.failures) > 10000:  # forget the quiet ones
+            self.failures = {a: v for a, v in self.failures.items() if now - v[1] <= FAIL_MEMORY}
+        return min(FAIL_DELAY * float(1 << min(count, 16)), FAIL_DELAY_MAX)
+
+    def succeeded(self, ip: str) -> None:
+        self.failures.pop(ip, None)
+
+
+class _Child(asyncio.Protocol):
+    """The pop3d end of the relay."""
+
+    def __init__(self, owner: Pop3Connection) -> None:
+        self.owner = owner
+        self.done = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.owner.from_child(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class Pop3Connection(asyncio.Protocol):
+    def __init__(self, server: Pop3Server) -> None:
+        self.server = server
+        self.settings = server.settings
+        self.transport: asyncio.Transport | None = None
+        self.ip = ""
+        self.counted = False
+        self.popup: Popup | None = None
+        self.lines = Lines()
+        self.pending: list[bytes] = []  # whole lines not yet handled
+        self.busy = False  # a login or a TLS handshake is under way
+        self.child: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.tcp: dict[str, str] = {}
+        self.task: asyncio.Future[None] | None = None  # a login or TLS start under way
+
+    # -- asyncio's side ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername") or ("unknown", 0)
+        local = transport.get_extra_info("sockname") or ("unknown", 0)
+        self.ip = str(peer[0]).removeprefix("::ffff:")
+        if self.settings.rules is not None:
+            try:
+                decision = self.settings.rules.current().lookup(self.ip, None)
+            except OSError as e:
+                self.server.log(f"alert: unable to read etc/tcp.pop3.cdb: {e}; dropped {self.ip}")
+                transport.abort()
+                return
+            if decision is not None and not decision.allow:
+                self.server.log(f"tcpserver: deny {self.ip} (pop3)")
+                transport.close()
+                return
+            if decision is not None:
+                self.tcp.update(decision.env)
+        refusal = self.server.admit(self, self.ip)
+        if refusal is not None:
+            transport.write(refusal)
+            transport.close()
+            return
+        self.counted = True
+        self.tcp.update(
+            PROTO="TCP",
+            TCPREMOTEIP=self.ip,
+            TCPREMOTEPORT=str(peer[1]),
+            TCPLOCALIP=str(local[0]),
+            TCPLOCALPORT=str(local[1]),
+            TCPLOCALHOST=self.settings.hostname,
+        )
+        self.popup = Popup(
+            self.settings.hostname,
+            pid=os.getpid(),
+            now=int(time.time()),
+            tls_available=self.settings.tls is not None,
+        )
+        transport.write(self.popup.greeting().join())
+        self._idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.child is not None:
+            self.child.close()  # pop3d sees the end of its input: nothing changes
+        if self.counted:
+            self.counted = False
+            self.server.leave(self, self.ip)
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.child is not None:
+            self.child.write(data)
+            return
+        self._idle()
+        self.pending += self.lines.feed(data)
+        self._work()
+
+    def pause_writing(self) -> None:
+        if self.child is not None:
+            self.child.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.child is not None:
+            self.child.resume_reading()
+
+    # -- the dialogue -----------------------------------------------------------------
+
+    def _idle(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(TIMEOUT, self.hang_up)
+
+    def hang_up(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _work(self) -> None:
+        while self.pending and not self.busy and self.transport is not None:
+            assert self.popup is not None
+            line = self.pending.pop(0)
+            result = self.popup.handle(line)
+            if isinstance(result, Login):
+                self.busy = True
+                rest, self.pending = self.pending, []
+                self.transport.pause_reading()
+                self.task = asyncio.ensure_future(self._login(result, rest))
+                return
+            if isinstance(result, StartTLS):
+                self.transport.write(result.data)
+                self.pending = []
+                self.lines.clear()
+                self.busy = True
+                self.task = asyncio.ensure_future(self._start_tls())
+                return
+            self.transport.write(result.join())
+            if result.close:
+                self.transport.close()
+                return
+
+    async def _start_tls(self) -> None:
+        assert self.transport is not None
+        assert self.settings.tls is not None
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(
+                self.transport, self, self.settings.tls, server_side=True
+            )
+        except (OSError, ssl.SSLError, ConnectionError):
+            self.hang_up()
+            return
+        if transport is None:
+            return
+        self.transport = transport
+        assert self.popup is not None
+        self.popup.tls_started()
+        self.busy = False
+        self._work()
+
+    async def _login(self, login: Login, rest: list[bytes]) -> None:
+        """Run the checker with pop3d behind it, relaying; then, if it said no,
+        qmail-popup's answer after the delay."""
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        code: int | None = None
+        try:
+            child, relay = await loop.create_connection(lambda: _Child(self), sock=ours)
+            pid = checkpassword.spawn_checkpassword(
+                [*self.settings.checker, sys.executable, "-m", "qmailtui", "pop3d", MAILDIR],
+                login.fd3(),
+                {**self.settings.env, **self.tcp},
+                theirs.fileno(),
+            )
+        except OSError as e:
+            self.server.log(f"alert: pop3: unable to run the checkpassword program: {e}")
+            pid = None
+        finally:
+            theirs.close()
+        user = login.user.decode("utf-8", "backslashreplace")
+        if pid is not None:
+            self.child = child
+            for line in rest:  # what the client pipelined behind PASS is pop3d's
+                child.write(line + b"\n")
+            if self.transport is not None:
+                self.transport.resume_reading()
+            if self.timer is not None:
+                self.timer.cancel()  # pop3d keeps its own time
+            code = await checkpassword.wait_exit(pid)
+            await relay.done
+            self.child = None
+        if code == 0:
+            self.server.succeeded(self.ip)
+            self.server.log(f"pop3: {user} logged in from {self.ip}; session ended")
+            if self.transport is not None:
+                self.transport.close()
+            return
+        delay = self.server.failed(self.ip)
+        self.server.log(f"pop3: login refused: {user} from {self.ip} (exit {code})")
+        await asyncio.sleep(delay)
+        if self.transport is None or self.transport.is_closing():
+            return
+        assert self.popup is not None
+        reply = self.popup.refused(code if code is not None else 111)
+        self.transport.write(reply.join())
+        if reply.close:
+            self.transport.close()
+        else:
+            self.busy = False
+            self._idle()
+            self._work()
+
+    def from_child(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)

@@ -1,0 +1,228 @@
+"""POP3 end to end: `qmailtui serve --pop3` driven by poplib and fetchmail,
+and the seed guide's chain (`qmail-popup HOST checkpassword qmail-pop3d
+Maildir`) as `qmailtui popup`, `qmailtui checkpassword` and `qmailtui pop3d`
+under the real tcpserver. Mail goes in over SMTP and comes out over POP3."""
+
+from __future__ import annotations
+
+import os
+import poplib
+import re
+import shutil
+import smtplib
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from core.paths import QmailRoot
+from tests.processes import (
+    CLI,
+    add_maildir_user,
+    maildir_files,
+    no_world,
+    qmailtui,
+    read_line,
+    stop,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+PASSWORD = "correct horse"
+LISTEN = ("--smtp", "127.0.0.1:0", "--pop3", "127.0.0.1:0")
+
+
+@dataclass
+class Core:
+    proc: subprocess.Popen[bytes]
+    smtp: int
+    pop3: int
+
+
+@contextmanager
+def serving(root: QmailRoot, *extra: str) -> Iterator[Core]:
+    no_world(root)
+    errors = root.path.parent / "serve.stderr"
+    with open(errors, "ab") as err:
+        proc = subprocess.Popen(
+            [*CLI, "serve", "--root", str(root.path), *LISTEN, *extra],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            start_new_session=True,
+        )
+    try:
+        assert proc.stdout is not None
+        line = read_line(proc.stdout, 30).decode()
+        found = re.fullmatch(r"ready smtp=127\.0\.0\.1:(\d+) pop3=127\.0\.0\.1:(\d+)\n", line)
+        assert found, f"{line!r}\n{errors.read_text(errors='replace')}"
+        yield Core(proc, int(found[1]), int(found[2]))
+    finally:
+        try:
+            stop(proc)
+        finally:
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+def alice(root: QmailRoot) -> Path:
+    maildir = add_maildir_user(root, "alice")
+    done = qmailtui(root, "passwd", "alice", "--stdin", stdin=f"{PASSWORD}\n".encode())
+    assert done.returncode == 0, done.stderr
+    return maildir
+
+
+def send(port: int, body: bytes) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.sendmail("bob@example.net", ["alice@mx.example.org"], body)
+
+
+def test_a_message_in_over_smtp_comes_out_over_pop3_byte_for_byte(root: QmailRoot) -> None:
+    maildir = alice(root)
+    body = b"Subject: round trip\r\n\r\nfirst\r\n.dot line\r\n\r\nlast\r\n"
+    with serving(root) as core:
+        send(core.smtp, body)
+        wait_until(lambda: len(maildir_files(maildir)) == 1, 20, "delivery to alice")
+        time.sleep(1.1)  # qmail-pop3d lists only what is older than the current second
+        [stored] = maildir_files(maildir)
+        pop = poplib.POP3("127.0.0.1", core.pop3, timeout=30)
+        assert pop.getwelcome().startswith(b"+OK <")
+        pop.user("alice")
+        pop.pass_(PASSWORD)
+        count, size = pop.stat()
+        assert (count, size) == (1, stored.stat().st_size)
+        [uidl] = pop.uidl()[1]
+        assert uidl == b"1 " + stored.name.split(":")[0].encode()
+        _, lines, _ = pop.retr(1)
+        # qmail-pop3d's blank line at the end; poplib took the dots and CRLFs off
+        assert b"\n".join(lines) + b"\n" == stored.read_bytes() + b"\n"
+        assert b"first\n.dot line\n\nlast\n" in stored.read_bytes()
+        pop.dele(1)
+        pop.quit()
+        assert maildir_files(maildir) == []
+
+
+def test_a_wrong_password_and_an_unknown_user_get_the_same_slow_answer(
+    root: QmailRoot,
+) -> None:
+    alice(root)
+    with serving(root) as core:
+        answers = []
+        for user, password in (("alice", "wrong"), ("nobody-here", PASSWORD)):
+            pop = poplib.POP3("127.0.0.1", core.pop3, timeout=30)
+            pop.user(user)
+            started = time.monotonic()
+            with pytest.raises(poplib.error_proto) as refused:
+                pop.pass_(password)
+            answers.append((refused.value.args[0], time.monotonic() - started))
+            pop.close()
+    assert [a for a, _ in answers] == [b"-ERR authorization failed"] * 2
+    assert all(t >= 1.0 for _, t in answers), answers  # the second one waited longer
+    assert answers[1][1] > answers[0][1]
+    log = (root.log / "current").read_text()
+    assert "wrong" not in log
+    assert PASSWORD not in log
+
+
+def test_fetchmail_downloads_the_mail_and_deletes_it(root: QmailRoot, tmp_path: Path) -> None:
+    fetchmail = shutil.which("fetchmail")
+    if fetchmail is None:
+        pytest.skip("fetchmail is not installed (.ci/run installs the Debian package)")
+    maildir = alice(root)
+    with serving(root) as core:
+        for n in range(3):
+            send(core.smtp, b"Subject: fetch %d\r\n\r\nbody %d\r\n" % (n, n))
+        wait_until(lambda: len(maildir_files(maildir)) == 3, 20, "three deliveries")
+        time.sleep(1.1)  # qmail-pop3d lists only what is older than the current second
+        rc = tmp_path / "fetchmailrc"
+        out = tmp_path / "fetched"
+        rc.write_text(
+            f"poll 127.0.0.1 service {core.pop3} protocol pop3 auth password\n"
+            f'  user "alice" password "{PASSWORD}" is root here\n'
+            f"  mda \"/bin/sh -c 'cat >> {out}'\"\n"
+        )
+        rc.chmod(0o600)
+        done = subprocess.run(
+            [fetchmail, "-f", str(rc), "--nosslcertck", "-v", "--nokeep", "--nodetach"],
+            capture_output=True,
+            timeout=60,
+            env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "FETCHMAILHOME": str(tmp_path)},
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+        assert maildir_files(maildir) == []
+    fetched = out.read_bytes()
+    for n in range(3):
+        assert b"Subject: fetch %d\n" % n in fetched
+        assert b"body %d\n" % n in fetched
+
+
+def test_a_tcp_pop3_rule_denies_an_address(root: QmailRoot) -> None:
+    import socket
+
+    alice(root)
+    (root.etc / "tcp.pop3").write_text("127.0.0.1:deny\n:allow\n")
+    with (
+        serving(root) as core,
+        socket.create_connection(("127.0.0.1", core.pop3), timeout=10) as raw,
+    ):
+        assert raw.recv(100) == b""  # closed without a word, as tcpserver does
+    assert (root.etc / "tcp.pop3.cdb").exists()
+    assert "tcpserver: deny 127.0.0.1 (pop3)" in (root.log / "current").read_text()
+
+
+def test_the_seed_guides_chain_under_tcpserver(root: QmailRoot) -> None:
+    """tcpserver ... qmailtui popup HOST qmailtui checkpassword qmailtui pop3d Maildir"""
+    program = shutil.which("tcpserver")
+    if program is None:
+        pytest.skip("ucspi-tcp is not installed (.ci/run installs the Debian package)")
+    maildir = alice(root)
+    message = maildir / "new" / "1700000000.1.test"
+    message.write_bytes(b"Subject: chain\n\n.hello\n")
+    os.utime(message, (time.time() - 60, time.time() - 60))
+    if root.path.stat().st_uid == 0:
+        shutil.chown(message, 65534, 65534)
+    chain = (
+        *CLI,
+        "popup",
+        "pop.example.org",
+        *CLI,
+        "checkpassword",
+        "--root",
+        str(root.path),
+        *CLI,
+        "pop3d",
+        "Maildir",
+    )
+    errors = root.path.parent / "tcpserver.stderr"
+    with open(errors, "ab") as err:
+        proc = subprocess.Popen(
+            [program, "-1", "-HR", "-l", "pop.example.org", "127.0.0.1", "0", *chain],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            start_new_session=True,
+        )
+    try:
+        assert proc.stdout is not None
+        port = read_line(proc.stdout, 10)
+        assert port.strip().isdigit(), (port, errors.read_text())
+        pop = poplib.POP3("127.0.0.1", int(port), timeout=30)
+        assert re.fullmatch(rb"\+OK <\d+\.\d+@pop\.example\.org>", pop.getwelcome())
+        pop.user("alice")
+        pop.pass_(PASSWORD)
+        assert pop.stat() == (1, len(b"Subject: chain\n\n.hello\n"))
+        _, lines, _ = pop.retr(1)
+        assert lines[:3] == [b"Subject: chain", b"", b".hello"]
+        pop.quit()
+        # QUIT moved the message to cur/, as qmail-pop3d does
+        assert [p.name for p in (maildir / "cur").iterdir()] == ["1700000000.1.test:2,"]
+    finally:
+        stop(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
