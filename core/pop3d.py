@@ -34,6 +34,7 @@ driver's business (ROOT_REFUSED has its text).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import stat
 import time
@@ -75,6 +76,7 @@ NO_UNLINK = b"-ERR unable to unlink all deleted messages\r\n"
 END = b".\r\n"
 ROOT_REFUSED = b"qmail-pop3d invoked as uid 0, terminating\n"  # on fd 2, then exit 1
 # ours
+IN_USE = b"-ERR [IN-USE] another POP3 session has this maildir open\r\n"  # ours (RFC 2449)
 LINE_TOO_LONG = b"-ERR line too long\r\n"
 CAPA = b"+OK Capability list follows\r\n"
 
@@ -200,6 +202,7 @@ class Pop3d:
         self.last = 0  # LAST: the highest message number deleted since start or RSET
         self.started = False
         self.closed = False
+        self._lock: int | None = None  # the Maildir's flock, held for the session
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -212,6 +215,9 @@ class Pop3d:
         self.started = True
         if not _can_chdir(self.maildir):
             return self._close(NO_MAILDIR)
+        self._lock = _lock(self.maildir)
+        if self._lock is None:
+            return self._close(IN_USE)
         now = int(self._clock())
         clean_tmp(self.maildir / "tmp", now)
         try:
@@ -354,6 +360,9 @@ class Pop3d:
 
     def _close(self, data: bytes) -> Reply:
         self.closed = True
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
         return Reply(data, close=True)
 
 
@@ -453,6 +462,22 @@ class _Blast:
 
 
 # -- the Maildir at start-up ---------------------------------------------------------------
+
+
+def _lock(maildir: Path) -> int | None:
+    """Ours: one session per Maildir at a time, by an flock on the directory
+    itself (nothing is written into the Maildir). qmail has none: a second
+    session sees messages the first moves or deletes, and its DELE fails."""
+    try:
+        fd = os.open(maildir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _can_chdir(path: Path) -> bool:

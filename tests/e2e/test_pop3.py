@@ -226,3 +226,88 @@ def test_the_seed_guides_chain_under_tcpserver(root: QmailRoot) -> None:
         stop(proc)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_a_second_session_on_the_same_maildir_is_refused(root: QmailRoot) -> None:
+    maildir = alice(root)
+    (maildir / "new" / "1700000000.2.test").write_bytes(b"Subject: once\n\nhi\n")
+    os.utime(maildir / "new" / "1700000000.2.test", (time.time() - 60, time.time() - 60))
+    with serving(root) as core:
+        first = poplib.POP3("127.0.0.1", core.pop3, timeout=30)
+        first.user("alice")
+        first.pass_(PASSWORD)
+        second = poplib.POP3("127.0.0.1", core.pop3, timeout=30)
+        second.user("alice")
+        with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
+            second.pass_(PASSWORD)
+        second.close()
+        first.dele(1)
+        first.quit()
+        third = poplib.POP3("127.0.0.1", core.pop3, timeout=30)  # the lock went with QUIT
+        third.user("alice")
+        third.pass_(PASSWORD)
+        assert third.stat() == (0, 0)
+        third.quit()
+
+
+CHECKER = """\
+import os, sys
+user, password = os.read(3, 512).split(b"\\0")[:2]
+if (user, password) != (b"carol", b"open sesame"):
+    sys.exit(1)
+home = {home!r}
+if os.geteuid() == 0:
+    os.setgroups([]); os.setgid(65534); os.setuid(65534)
+os.environ.update(USER="carol", HOME=home)
+os.chdir(home)
+os.execvp(sys.argv[1], sys.argv[1:])
+"""
+
+
+def test_an_external_checkpassword_program_decides(root: QmailRoot, tmp_path: Path) -> None:
+    """serve --checkpassword PROG: fd 3 in, the program runs pop3d as the user."""
+    import sys
+
+    maildir = add_maildir_user(root, "carol")
+    message = maildir / "new" / "1700000000.3.test"
+    message.write_bytes(b"Subject: external\n\nvia checkpassword\n")
+    os.utime(message, (time.time() - 60, time.time() - 60))
+    if os.geteuid() == 0:
+        shutil.chown(message, 65534, 65534)
+    checker = tmp_path / "checker.py"
+    checker.write_text(CHECKER.format(home=str(maildir.parent)))
+    with serving(root, "--checkpassword", f"{sys.executable} {checker}") as core:
+        pop = poplib.POP3("127.0.0.1", core.pop3, timeout=30)
+        pop.user("carol")
+        pop.pass_("open sesame")
+        assert pop.stat() == (1, message.stat().st_size)
+        pop.quit()
+        refused = poplib.POP3("127.0.0.1", core.pop3, timeout=30)
+        refused.user("carol")
+        with pytest.raises(poplib.error_proto, match="authorization failed"):
+            refused.pass_("wrong")
+        refused.close()
+
+
+def test_stls_then_login(root: QmailRoot) -> None:
+    import ssl
+
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("mx.example.org")
+    pem = root.control_file("servercert.pem")
+    pem.write_bytes(cert.private_key_and_cert_chain_pem.bytes())
+    pem.chmod(0o600)
+    alice(root)
+    with serving(root) as core:
+        pop = poplib.POP3("127.0.0.1", core.pop3, timeout=30)
+        assert "STLS" in pop.capa()
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        context.check_hostname = False
+        pop.stls(context)
+        assert "STLS" not in pop.capa()
+        pop.user("alice")
+        pop.pass_(PASSWORD)
+        assert pop.stat() == (0, 0)
+        pop.quit()
