@@ -23,8 +23,8 @@ is before the current second, oldest first, ties in the order of qmail's own
 heap); sizes are the files' sizes on disk (LF line ends, not what RETR sends);
 DELE only marks, QUIT unlinks and moves the rest of new/ to cur/NAME:2,.
 
-Where qmail is poor the choice is a module constant, qmail's by default:
-STAT_COUNTS_DELETED, EXTRA_BLANK_LINE. Ours, not qmail's: CAPA (RFC 2449;
+Where qmail is poor the choice is a module constant, ours by default and
+qmail's on request: STAT_COUNTS_DELETED, EXTRA_BLANK_LINE. Ours, not qmail's: CAPA (RFC 2449;
 qmail answers `-ERR unimplemented`), LINE_MAX (qmail reads lines of any
 length), and an fsync of new/ and cur/ before QUIT's `+OK` (invisible on the
 wire; qmail does not sync). qmail-pop3d's refusal to run as uid 0 is the
@@ -55,12 +55,13 @@ TMP_MAX_AGE = 129600  # maildir_clean: tmp/ files last accessed 36 hours ago go
 ULONG = 2**64  # scan_ulong keeps its number in an unsigned long and wraps
 INT_MAX = 2**31 - 1
 
-# qmail-pop3d counts messages marked deleted in STAT's first number (RFC 1939
-# wants them left out; most clients only use LIST/UIDL). spec/pop3.md §4, §9.
-STAT_COUNTS_DELETED = True
+# qmail-pop3d counts messages marked deleted in STAT's first number; RFC 1939
+# leaves them out, and so do we (spec/pop3.md §4, §9). True: qmail's way.
+STAT_COUNTS_DELETED = False
 # qmail-pop3d ends every message with an extra empty line, CR LF before the
-# final `.` (qmail-pop3d.8: a work-around for client bugs). spec/pop3.md §6.
-EXTRA_BLANK_LINE = True
+# final `.` (qmail-pop3d.8: a work-around for client bugs of its day); we send
+# the message as it is stored (spec/pop3.md §6). True: qmail's way.
+EXTRA_BLANK_LINE = False
 
 # qmail-pop3d's replies, byte for byte
 OK = b"+OK \r\n"

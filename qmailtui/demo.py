@@ -17,6 +17,7 @@ from core.setup import init_root, maildirmake
 
 DEMO_HOST = "demo.example.test"
 USERS = ("alice", "bob")
+DEMO_PASSWORD = "demo"  # noqa: S105 - the demo users' POP3 password, printed for the user
 
 
 def demo_dir() -> Path:
@@ -47,8 +48,11 @@ def make_demo_root(path: Path) -> QmailRoot:
             lines.append(f"={user}:{user}:{uid}:{gid}:{home}:::")
         root.assign.write_text("\n".join(lines) + "\n.\n")
         from core import users
+        from core.checkpassword import set_password
 
         users.newu(root)
+        for user in USERS:
+            set_password(root.passwd, user, DEMO_PASSWORD)
     return root
 
 
@@ -57,7 +61,8 @@ Cc: bob@{host}, postmaster@{host}
 Subject: Welcome to qmailtui
 
 This message was queued by `qmailtui inject` and delivered by the core
-you are watching. Look in {root}/home/alice/Maildir/new/.
+you are watching. Look in {root}/home/alice/Maildir/new/, or read it
+over POP3 as alice, password demo (the port is on the `ready` line).
 """
 
 
@@ -81,7 +86,11 @@ def run_demo(root_arg: str | None) -> int:
     from core.daemon import Core
 
     core = Core(
-        root, log_stderr=True, ready=lambda line: print(line, flush=True), smtp=_demo_smtp()
+        root,
+        log_stderr=True,
+        ready=lambda line: print(line, flush=True),
+        smtp=_free_or_any(2525),
+        pop3=_free_or_any(1110),
     )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(core.run())
@@ -89,13 +98,13 @@ def run_demo(root_arg: str | None) -> int:
     return 0
 
 
-def _demo_smtp() -> tuple[str, int]:
-    """127.0.0.1:2525 for the demo's SMTP, or any free port if that one is taken."""
+def _free_or_any(port: int) -> tuple[str, int]:
+    """127.0.0.1:PORT for the demo, or any free port if that one is taken."""
     import socket
 
     with socket.socket() as probe:
         try:
-            probe.bind(("127.0.0.1", 2525))
+            probe.bind(("127.0.0.1", port))
         except OSError:
             return ("127.0.0.1", 0)
-    return ("127.0.0.1", 2525)
+    return ("127.0.0.1", port)

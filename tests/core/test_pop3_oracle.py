@@ -47,6 +47,8 @@ T = 1_700_000_000  # the mtimes of the test messages: long past
 HOST = "pop.example.org"
 NOBODY = 65534
 ROOT = os.geteuid() == 0
+# qmail-pop3d's own choices, which ours leaves off by default (core/pop3d.py)
+AS_QMAIL = {"stat_counts_deleted": True, "extra_blank_line": True}
 
 # Replies, byte for byte.
 OK = b"+OK \r\n"
@@ -301,7 +303,7 @@ def qmail_pop3d(oracle: Path, home: Path, send: bytes) -> bytes:
 
 
 def our_pop3d(maildir: Path, send: bytes) -> bytes:
-    session = Pop3d(maildir)
+    session = Pop3d(maildir, **AS_QMAIL)
     out = bytearray(session.start().join())
     for line in Lines().feed(send):
         if session.closed:
@@ -593,7 +595,7 @@ def test_a_maildir_that_cannot_be_read_ends_the_session(
     make(ours_box)
 
     theirs = qmail_pop3d(oracle, tmp_path / "qmail", lines("STAT", "QUIT"))
-    session = Pop3d(ours_box)
+    session = Pop3d(ours_box, **AS_QMAIL)
     start = session.start()
 
     assert theirs == reply
@@ -678,7 +680,7 @@ def test_a_message_gone_since_the_start_cannot_be_opened(oracle: Path, tmp_path:
     theirs += [say(proc, b"QUIT")]
     assert finish(proc) == 0
 
-    session = Pop3d(ours_box)
+    session = Pop3d(ours_box, **AS_QMAIL)
     ours = [session.start().join()]
     (ours_box / gone).unlink()
     ours += [session.handle(line).join() for line in (b"RETR 3", b"LIST 3", b"DELE 3", b"QUIT")]
@@ -699,7 +701,7 @@ def test_a_failed_unlink_at_quit_is_reported_then_ok(oracle: Path, tmp_path: Pat
     theirs.append(say(proc, b"QUIT"))
     assert finish(proc) == 0
 
-    session = Pop3d(ours_box)
+    session = Pop3d(ours_box, **AS_QMAIL)
     ours = [session.start().join()] + [session.handle(b"DELE %d" % n).join() for n in (1, 2, 4)]
     for n in (1, 4):
         (ours_box / MESSAGES[n][0]).unlink()
@@ -951,7 +953,7 @@ def test_a_whole_login_then_a_pop3d_session(oracle: Path, tmp_path: Path) -> Non
         timeout=TIMEOUT,
     )
     assert code == 0
-    session = Pop3d(ours_box)
+    session = Pop3d(ours_box, **AS_QMAIL)
     ours.append(session.start().join())
     ours += [session.handle(line).join() for line, _ in script[2:]]
 
@@ -967,7 +969,7 @@ def test_retr_streams_faster_than_50_mb_per_second(tmp_path: Path) -> None:
     line = b"x" * 70 + b"\n"
     body = (line * 1000 + b".dot\n" + b"\n") * 900  # 64 MB, dots and empty lines included
     maildir = build(tmp_path / "home", [File("new/1700000000.1.big", b"S: x\n\n" + body, T)])
-    session = Pop3d(maildir)
+    session = Pop3d(maildir, **AS_QMAIL)
     session.start()
     best = float("inf")
     sent = 0
@@ -986,7 +988,7 @@ def test_chunk_boundaries_change_nothing(
     monkeypatch.setattr(pop3d, "CHUNK", chunk)
     small = [n for n in MESSAGES if n != 9]
     maildir = build(tmp_path / "home", [f for f in standard_box() if f.name != MESSAGES[9][0]])
-    session = Pop3d(maildir)
+    session = Pop3d(maildir, **AS_QMAIL)
     session.start()
     for number, n in enumerate(small, 1):
         assert session.handle(b"RETR %d" % number).join() == retr(n)
@@ -994,9 +996,9 @@ def test_chunk_boundaries_change_nothing(
             assert session.handle(b"TOP %d %d" % (number, k)).join() == retr(n, k)
 
 
-def test_the_poor_qmail_choices_can_be_turned_off(tmp_path: Path) -> None:
+def test_by_default_stat_leaves_deleted_out_and_retr_adds_no_line(tmp_path: Path) -> None:
     maildir = build(tmp_path / "home", [f for f in standard_box() if not f.name.startswith("tmp")])
-    session = Pop3d(maildir, stat_counts_deleted=False, extra_blank_line=False)
+    session = Pop3d(maildir)
     session.start()
     assert session.handle(b"DELE 1").join() == OK
     assert session.handle(b"STAT").join() == b"+OK 9 %d\r\n" % (TOTAL - size(1))
@@ -1008,7 +1010,7 @@ def test_the_poor_qmail_choices_can_be_turned_off(tmp_path: Path) -> None:
 def test_only_mtimes_before_the_current_second_are_listed(tmp_path: Path) -> None:
     files = [File(f"new/17000000{i:02d}.1.h", b"m\n", T + i) for i in range(1, 4)]
     maildir = build(tmp_path / "home", files)
-    session = Pop3d(maildir, clock=lambda: T + 2.999)
+    session = Pop3d(maildir, clock=lambda: T + 2.999, **AS_QMAIL)
     assert session.start().join() == OK
     assert session.handle(b"UIDL").join() == listing([b"1 1700000001.1.h\r\n"])
     assert session.handle(b"QUIT").join() == OK
@@ -1020,7 +1022,7 @@ def test_only_mtimes_before_the_current_second_are_listed(tmp_path: Path) -> Non
 
 def test_a_stream_left_unread_closes_its_file(tmp_path: Path) -> None:
     maildir = build(tmp_path / "home", [File("new/1700000000.1.h", b"m\n", T)])
-    session = Pop3d(maildir)
+    session = Pop3d(maildir, **AS_QMAIL)
     session.start()
     fds = len(os.listdir("/proc/self/fd"))
     reply = session.handle(b"RETR 1")

@@ -99,8 +99,9 @@ def test_a_message_in_over_smtp_comes_out_over_pop3_byte_for_byte(root: QmailRoo
         [uidl] = pop.uidl()[1]
         assert uidl == b"1 " + stored.name.split(":")[0].encode()
         _, lines, _ = pop.retr(1)
-        # qmail-pop3d's blank line at the end; poplib took the dots and CRLFs off
-        assert b"\n".join(lines) + b"\n" == stored.read_bytes() + b"\n"
+        # byte for byte (qmail-pop3d would add a blank line); poplib took the
+        # dot-stuffing and the CRLFs off
+        assert b"\n".join(lines) + b"\n" == stored.read_bytes()
         assert b"first\n.dot line\n\nlast\n" in stored.read_bytes()
         pop.dele(1)
         pop.quit()
