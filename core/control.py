@@ -49,6 +49,9 @@ INT_DEFAULTS = {
     # at once, and from one address (ours; tcpserver has no such limit).
     "concurrencyincoming": 40,
     "concurrencyperip": 20,
+    # Ours: seconds a POP3 client may be silent (qmail-popup and qmail-pop3d
+    # have 1200 built in).
+    "timeoutpop3": 1200,
 }
 LIST_FILES = ("locals", "rcpthosts", "morercpthosts", "percenthack", "badmailfrom")
 COLON_FILES = ("virtualdomains", "smtproutes")
@@ -250,6 +253,7 @@ class Config:
     bouncemaxbytes: int = 1_000_000
     concurrencyincoming: int = 40
     concurrencyperip: int = 20
+    timeoutpop3: int = 1200
     problems: tuple[Problem, ...] = field(default=(), compare=False)
 
     @property
@@ -533,5 +537,6 @@ def load(root: QmailRoot) -> Config:
         bouncemaxbytes=iv("bouncemaxbytes"),
         concurrencyincoming=max(1, iv("concurrencyincoming")),
         concurrencyperip=max(1, iv("concurrencyperip")),
+        timeoutpop3=max(1, iv("timeoutpop3")),
         problems=tuple(problems),
     )

@@ -36,6 +36,7 @@ from core.control import Config
 from core.listener import Limits, compiled_rules
 from core.paths import QmailRoot
 from core.pop3d import TIMEOUT, Lines
+from core.pop3stdio import TIMEOUT_VARIABLE
 from core.popup import Login, Popup, StartTLS
 from core.smtpd import server_tls
 from core.tcprules import RulesFile
@@ -55,6 +56,7 @@ class Pop3Settings:
     rules: RulesFile | None
     tls: ssl.SSLContext | None
     env: dict[str, str]  # PATH and the like, for the checker
+    timeout: float = TIMEOUT  # control/timeoutpop3: idle seconds, here and in pop3d
 
 
 def pop3_settings(
@@ -70,6 +72,7 @@ def pop3_settings(
     if root.tcp_pop3.exists() or root.tcp_pop3.with_name("tcp.pop3.cdb").exists():
         rules = compiled_rules(root, root.tcp_pop3, log)
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TZ")}
+    env[TIMEOUT_VARIABLE] = str(config.timeoutpop3)  # pop3d's, through the checker
     return Pop3Settings(
         config.me or "unknown",
         checker or builtin_checker(str(root.path)),
@@ -77,6 +80,7 @@ def pop3_settings(
         rules,
         tls,
         env,
+        float(config.timeoutpop3),
     )
 
 
@@ -254,7 +258,7 @@ class Pop3Connection(asyncio.Protocol):
     def _idle(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = asyncio.get_running_loop().call_later(TIMEOUT, self.hang_up)
+        self.timer = asyncio.get_running_loop().call_later(self.settings.timeout, self.hang_up)
 
     def hang_up(self) -> None:
         if self.transport is not None:

@@ -19,13 +19,20 @@ from core.checkpassword import run_checkpassword
 from core.pop3d import ROOT_REFUSED, TIMEOUT, Lines, Pop3d
 from core.popup import Login, Popup, StartTLS
 
+TIMEOUT_VARIABLE = "POP3TIMEOUT"  # seconds, from serve's control/timeoutpop3
+
+
+def _timeout() -> float:
+    text = os.environ.get(TIMEOUT_VARIABLE, "")
+    return float(text) if text.isdigit() and int(text) > 0 else float(TIMEOUT)
+
 
 class _Gone(Exception):
     """The client went away or was silent too long."""
 
 
 def _read(fd: int) -> bytes:
-    ready, _, _ = select.select([fd], [], [], TIMEOUT)
+    ready, _, _ = select.select([fd], [], [], _timeout())
     if not ready:
         raise _Gone
     try:
@@ -41,7 +48,7 @@ def _write(fd: int, chunks: Iterable[bytes]) -> None:
     for chunk in chunks:
         view = memoryview(chunk)
         while view:
-            _, ready, _ = select.select([], [fd], [], TIMEOUT)
+            _, ready, _ = select.select([], [fd], [], _timeout())
             if not ready:
                 raise _Gone
             try:

@@ -312,3 +312,49 @@ def test_stls_then_login(root: QmailRoot) -> None:
         pop.pass_(PASSWORD)
         assert pop.stat() == (0, 0)
         pop.quit()
+
+
+def test_an_idle_client_is_dropped_after_timeoutpop3(root: QmailRoot) -> None:
+    import socket
+
+    maildir = alice(root)
+    kept = maildir / "new" / "1700000000.4.test"
+    kept.write_bytes(b"Subject: kept\n\nhi\n")
+    os.utime(kept, (time.time() - 60, time.time() - 60))
+    root.control_file("timeoutpop3").write_text("1\n")
+    with serving(root) as core:
+        with socket.create_connection(("127.0.0.1", core.pop3), timeout=10) as silent:
+            assert silent.recv(100).startswith(b"+OK <")
+            started = time.monotonic()
+            assert silent.recv(100) == b""  # the popup phase: closed by the core
+            assert time.monotonic() - started < 5
+        pop = poplib.POP3("127.0.0.1", core.pop3, timeout=10)
+        pop.user("alice")
+        pop.pass_(PASSWORD)
+        pop.dele(1)  # and then silence: pop3d gives up, nothing is deleted
+        time.sleep(2.5)
+        with pytest.raises((poplib.error_proto, EOFError, OSError)):
+            pop.noop()
+        pop.close()
+    assert [p.name for p in maildir_files(maildir)] == ["1700000000.4.test"]
+
+
+def test_a_session_runs_as_its_user_and_cannot_read_past_its_maildir(root: QmailRoot) -> None:
+    """As root, pop3d runs as the user (nobody here): a symlink in the Maildir
+    to a file only root may read cannot be retrieved."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: without it every session runs as the core's own user")
+    maildir = alice(root)
+    secret = root.path.parent / "secret"
+    secret.write_bytes(b"Subject: root only\n\nsecret\n")
+    secret.chmod(0o600)
+    link = maildir / "cur" / "1700000000.5.test:2,"
+    link.symlink_to(secret)
+    os.utime(secret, (time.time() - 60, time.time() - 60))
+    with serving(root) as core:
+        pop = poplib.POP3("127.0.0.1", core.pop3, timeout=10)
+        pop.user("alice")
+        pop.pass_(PASSWORD)
+        with pytest.raises(poplib.error_proto, match="unable to open that message"):
+            pop.retr(1)
+        pop.quit()
