@@ -358,3 +358,31 @@ def test_a_session_runs_as_its_user_and_cannot_read_past_its_maildir(root: Qmail
         with pytest.raises(poplib.error_proto, match="unable to open that message"):
             pop.retr(1)
         pop.quit()
+
+
+def test_malformed_input_gets_pop3_errors_and_the_session_goes_on(root: QmailRoot) -> None:
+    import socket
+
+    alice(root)
+    with (
+        serving(root) as core,
+        socket.create_connection(("127.0.0.1", core.pop3), timeout=10) as raw,
+    ):
+        stream = raw.makefile("rb")
+        assert stream.readline().startswith(b"+OK <")
+        for line, reply in (
+            (b"\r\n", b"-ERR authorization first\r\n"),
+            (b"PASS early\r\n", b"-ERR USER first\r\n"),
+            (b"USER\r\n", b"-ERR syntax error\r\n"),
+            (b"RETR 1\r\n", b"-ERR authorization first\r\n"),
+            (b"US\x00ER alice\r\n", b"-ERR authorization first\r\n"),
+            (b"X" * 5000 + b"\r\n", b"-ERR line too long\r\n"),
+            (b"\xff\xfe\r\n", b"-ERR authorization first\r\n"),
+            (b"NOOP\r\n", b"+OK \r\n"),
+        ):
+            raw.sendall(line)
+            assert stream.readline() == reply, line[:20]
+        raw.sendall(b"QUIT\r\n")
+        assert stream.readline() == b"+OK \r\n"
+        assert stream.readline() == b""
+        stream.close()
