@@ -183,13 +183,13 @@ class Core:
             settings = self._smtp_settings()
             if settings is not None:
                 self.smtp.settings = settings
+        elif self.smtp_address is not None and self.send is not None and self._late is None:
+            # The listener was held back (no rcpthosts): it may start now.
+            self._late = asyncio.ensure_future(self._start_smtp_late())
         if self.pop3 is not None:
             from core.pop3listen import pop3_settings
 
             self.pop3.settings = pop3_settings(self.root, new, self.log.line, self.checkpassword)
-        elif self.smtp_address is not None and self.send is not None and self._late is None:
-            # The listener was held back (no rcpthosts): it may start now.
-            self._late = asyncio.ensure_future(self._start_smtp_late())
         self.log.line("info: configuration reloaded")
         self.events.publish("config-reloaded")
         if self.send is not None:
@@ -225,6 +225,12 @@ class Core:
                     self.log.line(f"alert: {problem.format(self.root.path)}; users/cdb unchanged")
             else:
                 self.log.line("info: users/assign compiled into users/cdb")
+
+    def _changed(self, paths: set[str]) -> None:
+        """Configuration files changed on disk: reload, as on HUP."""
+        names = sorted(os.path.relpath(p, self.root.path) for p in paths)
+        self.log.line(f"info: changed: {' '.join(names)}")
+        self.reload()
 
     def _lost_spawn(self, why: str) -> None:
         self.log.line(f"alert: {why}; deferring its deliveries, starting a new one")
@@ -289,13 +295,21 @@ class Core:
             await sock.start()
             smtp = await self._start_smtp()
             pop3 = await self._start_pop3()
+            from core.watch import Watcher
+
+            files = Watcher(self.root, loop, self._changed)
+            try:
+                files.start()  # before "ready": an edit right after it must count
+            except OSError as e:  # inotify limits, say: HUP still reloads
+                self.log.line(f"alert: cannot watch the configuration ({e}); reload with HUP")
+            watcher = asyncio.ensure_future(self._watch_assign())
             self.started.set()
             if self._ready is not None:
                 self._ready(f"ready smtp={smtp} pop3={pop3}")
-            watcher = asyncio.ensure_future(self._watch_assign())
             try:
                 await self.send.run(self._stopping)
             finally:
+                files.stop()
                 watcher.cancel()
         finally:
             for signum in handled:
