@@ -2,6 +2,12 @@
 
 A client that sends garbage or an over-long line gets an error reply and is
 disconnected; nothing it sends can stop the core.
+
+`subscribe` turns the connection into a stream of events, one JSON line
+each: `{"v": 1, "event": KIND, "data": {...}}`. The core never waits for a
+subscriber: events wait in a bounded queue, and when a slow reader lets it
+fill, the oldest go and a `{"event": "lagged", "data": {"dropped": N}}` line
+says so (time to read a new snapshot).
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from pathlib import Path
 
 from core import protocol
 from core.service import Service, ServiceError
+
+SUBSCRIBER_QUEUE = 5000  # events kept for one slow subscriber before the oldest go
 
 
 class ControlSocket:
@@ -65,6 +73,9 @@ class ControlSocket:
                 except protocol.ProtocolError as e:
                     writer.write(protocol.error(None, "bad-request", str(e)))
                     break
+                if req.op == "subscribe":
+                    await self._stream(req, writer)
+                    break
                 try:
                     result = await self.service.handle(req.op, req.args)
                     writer.write(protocol.ok(req.id, result))
@@ -76,9 +87,41 @@ class ControlSocket:
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
             pass
+        except Exception as e:  # our bug: this client goes, the core stays
+            self.service.send.log.line(f"warning: control client dropped: {e!r}")
         finally:
             if task is not None:
                 self._clients.discard(task)
             with contextlib.suppress(Exception):
                 await writer.drain()
             writer.close()
+
+    async def _stream(self, req: protocol.Request, writer: asyncio.StreamWriter) -> None:
+        kinds = req.args.get("kinds")
+        if kinds is not None and not (
+            isinstance(kinds, list) and all(isinstance(k, str) for k in kinds)
+        ):
+            writer.write(protocol.error(req.id, "bad-request", "kinds must be a list of names"))
+            return
+        wanted = set(kinds) if kinds else None
+        size = req.args.get("queue", SUBSCRIBER_QUEUE)
+        if not isinstance(size, int) or isinstance(size, bool):
+            size = SUBSCRIBER_QUEUE
+        sub = self.service.send.events.subscribe(
+            max(10, min(size, SUBSCRIBER_QUEUE)), frozenset(wanted) if wanted else None
+        )
+        try:
+            writer.write(protocol.ok(req.id, {"subscribed": sorted(wanted) if wanted else "all"}))
+            await writer.drain()
+            while True:
+                event = await sub.get()
+                if event is None:
+                    return
+                if sub.lagged:
+                    sub.lagged = False
+                    writer.write(protocol.event("lagged", {"dropped": sub.take_dropped()}))
+                writer.write(protocol.event(event.kind, event.data))
+                if writer.transport.get_write_buffer_size() > 0:
+                    await writer.drain()
+        finally:
+            sub.close()

@@ -168,6 +168,18 @@ class Core:
 
     def reload(self) -> list[Problem]:
         """Re-read control/*; keep the last good configuration if the new one has errors."""
+        problems = self._reload()
+        if self.service is not None:
+            from core.timefmt import iso
+
+            self.service.last_reload = {
+                "at": iso(self.clock.now()),
+                "ok": not problems,
+                "problems": [{**p.as_dict(), "text": p.format(self.root.path)} for p in problems],
+            }
+        return problems
+
+    def _reload(self) -> list[Problem]:
         new = control.load(self.root)
         if new.errors:
             for problem in new.errors:
@@ -287,6 +299,7 @@ class Core:
         self.service = Service(self.root, self.send, self.config, self.clock)
         self.service.resolver = self.resolver_address
         self.service.remote = self.remote
+        self.service.reloader = self.reload
         sock = ControlSocket(self.root.control_socket, self.service)
         trigger = self._listen_trigger(loop)
         handled = self._signals(loop)

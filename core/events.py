@@ -24,18 +24,28 @@ class Event:
 
 
 class Subscription:
-    def __init__(self, hub: Events, maxsize: int) -> None:
+    def __init__(self, hub: Events, maxsize: int, kinds: frozenset[str] | None = None) -> None:
         self._hub = hub
+        self.kinds = kinds  # None: every kind
         self._items: collections.deque[Event] = collections.deque(maxlen=maxsize)
         self._ready = asyncio.Event()
         self.lagged = False
         self.closed = False
+        self._dropped = 0
 
     def _put(self, event: Event) -> None:
+        if self.kinds is not None and event.kind not in self.kinds:
+            return
         if len(self._items) == self._items.maxlen:
             self.lagged = True  # the deque drops the oldest for us
+            self._dropped += 1
         self._items.append(event)
         self._ready.set()
+
+    def take_dropped(self) -> int:
+        """How many events were dropped since the last call."""
+        dropped, self._dropped = self._dropped, 0
+        return dropped
 
     async def get(self) -> Event | None:
         """The next event, or None once the subscription is closed."""
@@ -69,8 +79,8 @@ class Events:
         self._loop = loop
         self._thread = threading.get_ident()
 
-    def subscribe(self, maxsize: int = 2000) -> Subscription:
-        sub = Subscription(self, maxsize)
+    def subscribe(self, maxsize: int = 2000, kinds: frozenset[str] | None = None) -> Subscription:
+        sub = Subscription(self, maxsize, kinds)
         self._subs.append(sub)
         return sub
 

@@ -63,6 +63,10 @@ def error(rid: int | str | None, code: str, message: str) -> bytes:
     )
 
 
+def event(kind: str, data: dict[str, Any]) -> bytes:
+    return encode({"v": VERSION, "event": kind, "data": data})
+
+
 def decode_reply(line: bytes) -> dict[str, Any]:
     try:
         data = json.loads(line)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from core import admin
 from core.clock import Clock
 from core.control import Config
+from core.errors import Problem, UserError
 from core.log import read_lines
 from core.paths import QmailRoot
 from core.send import Send
@@ -67,6 +68,9 @@ class Service:
         self.clock = clock
         self.resolver: tuple[str, int] | None = None  # serve --resolver
         self.remote: Remote | None = None  # the running core's remote deliveries
+        # The running core's reload (HUP's), and how the last one went; None offline.
+        self.reloader: Callable[[], list[Problem]] | None = None
+        self.last_reload: dict[str, Any] = {"at": None, "ok": True, "problems": []}
 
     async def handle(self, op: str, args: dict[str, Any]) -> Any:
         method = getattr(self, "op_" + op.replace("-", "_"), None)
@@ -270,6 +274,73 @@ class Service:
         self._tcpto().clear()
         return {"ok": True}
 
+    async def op_snapshot(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Everything a console's first screen needs, in one answer."""
+        page = await self.op_list(
+            {k: args[k] for k in ("filter", "offset", "limit") if k in args}
+            | {"limit": args.get("limit", 50)}
+        )
+        held = sum(1 for m in self.send.messages.values() if m.held and not m.removed)
+        return {
+            "version": PROTOCOL_VERSION,
+            "pid": os.getpid(),
+            "root": str(self.root.path),
+            "running": self.reloader is not None,
+            "queue": {
+                "messages": sum(1 for m in self.send.messages.values() if not m.removed),
+                "held": held,
+                "page": page,
+            },
+            "concurrency": {
+                channel: {"active": self.send.active[channel], "max": self.send.limit(channel)}
+                for channel in ("local", "remote")
+            },
+            "config": self.last_reload,
+        }
+
+    async def op_reload(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self.reloader is None:
+            raise ServiceError("no-core", "no core is running: it reads the files when it starts")
+        self.reloader()
+        return self.last_reload
+
+    async def op_validate(self, args: dict[str, Any]) -> dict[str, Any]:
+        from core import configedit
+
+        name, content = _file_args(args)
+        try:
+            problems = await self.send.io(configedit.validate, self.root, name, content)
+        except UserError as e:
+            raise ServiceError("bad-request", e.message) from None
+        return {
+            "path": name,
+            "ok": not any(p.is_error for p in problems),
+            "problems": _shown(self.root, problems),
+        }
+
+    async def op_write_config(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Check, write atomically, apply: the console's save button."""
+        from core import configedit
+
+        name, content = _file_args(args)
+        try:
+            written, diff, problems = await self.send.io(configedit.write, self.root, name, content)
+        except UserError as e:
+            raise ServiceError("bad-request", e.message) from None
+        except OSError as e:
+            raise ServiceError("io", f"{name}: unable to write: {e.strerror or e}") from None
+        applied = None
+        if written and self.reloader is not None:
+            self.reloader()  # now, not when the watcher notices
+            applied = self.last_reload
+        return {
+            "path": name,
+            "written": written,
+            "diff": diff,
+            "problems": _shown(self.root, problems),
+            "reload": applied,
+        }
+
     async def op_retry_all(self, args: dict[str, Any]) -> dict[str, Any]:
         self.send.retry_all()
         return {"ok": True}
@@ -294,3 +365,14 @@ def _stuck(destinations: list[dict[str, Any]]) -> list[str]:
         if d.get("in_flight"):
             lines.append(f"{d['domain']}: {d['in_flight']} SMTP transaction(s) in progress")
     return lines
+
+
+def _file_args(args: dict[str, Any]) -> tuple[str, str]:
+    name, content = args.get("path"), args.get("content")
+    if not isinstance(name, str) or not isinstance(content, str):
+        raise ServiceError("bad-request", "give path (relative to the root) and content")
+    return name, content
+
+
+def _shown(root: QmailRoot, problems: list[Problem]) -> list[dict[str, Any]]:
+    return [{**p.as_dict(), "text": p.format(root.path)} for p in problems]

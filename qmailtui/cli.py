@@ -226,6 +226,80 @@ def format_destinations(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    """HUP's twin; exit 1 when the new configuration was refused."""
+    result: dict[str, Any] = {}
+
+    def text(answer: dict[str, Any]) -> str:
+        result.update(answer)
+        lines = [p["text"] for p in answer["problems"]]
+        return "\n".join(lines or ["configuration reloaded"])
+
+    code = _answer(args, text, "reload")
+    return code or (0 if result.get("ok", True) else 1)
+
+
+def _content(args: argparse.Namespace) -> str:
+    data = sys.stdin.buffer.read()
+    return data.decode("utf-8", "surrogateescape")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """What would be wrong with FILE holding standard input; exit 1 on errors."""
+    verdict: dict[str, Any] = {}
+
+    def text(answer: dict[str, Any]) -> str:
+        verdict.update(answer)
+        return "\n".join(p["text"] for p in answer["problems"]) or f"{args.path}: ok"
+
+    code = _answer(args, text, "validate", path=args.path, content=_content(args))
+    return code or (0 if verdict.get("ok") else 1)
+
+
+def cmd_write_config(args: argparse.Namespace) -> int:
+    """Check standard input as FILE, write it, apply it; the diff on stdout."""
+    verdict: dict[str, Any] = {}
+
+    def text(answer: dict[str, Any]) -> str:
+        verdict.update(answer)
+        lines = [p["text"] for p in answer["problems"]]
+        if not answer["written"]:
+            lines.append(f"{args.path}: not written")
+        return "\n".join([answer["diff"].rstrip("\n"), *lines]).strip("\n")
+
+    code = _answer(args, text, "write-config", path=args.path, content=_content(args))
+    return code or (0 if verdict.get("written") else 1)
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    args.json = True
+    return _answer(args, lambda r: "", "snapshot", limit=args.limit)
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """Follow the running core's events, one JSON line each, until interrupted."""
+    from core import protocol
+
+    root = _root(args)
+
+    async def go() -> int:
+        try:
+            reader, writer = await asyncio.open_unix_connection(
+                str(root.control_socket), limit=protocol.MAX_LINE * 64
+            )
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise UserError("no core is running: events come from a running core") from None
+        kinds = {"kinds": args.kinds} if args.kinds else {}
+        writer.write(protocol.request(1, "subscribe", kinds))
+        await writer.drain()
+        while line := await reader.readline():
+            sys.stdout.write(line.decode("utf-8", "replace"))
+            sys.stdout.flush()
+        return 0
+
+    return _run(go())
+
+
 def cmd_tcpto(args: argparse.Namespace) -> int:
     return _answer(args, lambda r: "\n".join(e["text"] for e in r["entries"]), "tcpto")
 
@@ -513,6 +587,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("tcpto", cmd_tcpto, "remote addresses that timed out, like qmail-tcpto")
     p.add_argument("--json", action="store_true")
     command("tcpok", cmd_tcpok, "forget those timeouts, like qmail-tcpok")
+    command("reload", cmd_reload, "re-read the configuration now, as HUP does")
+    for name, handler, help_text in (
+        ("validate", cmd_validate, "check standard input as the new content of FILE"),
+        ("write-config", cmd_write_config, "check, write and apply FILE from standard input"),
+    ):
+        p = command(name, handler, help_text)
+        p.add_argument("path", metavar="FILE", help="relative to the root: control/NAME, ...")
+        p.add_argument("--json", action="store_true")
+    p = command("snapshot", cmd_snapshot, "the running core's state as JSON")
+    p.add_argument("--limit", type=int, default=50, help="messages on the first page")
+    p = command("events", cmd_events, "follow the running core's events (JSON lines)")
+    p.add_argument("--kinds", nargs="+", metavar="KIND", help="only these kinds of event")
     p = command("passwd", cmd_passwd, "set a user's POP3 password in users/passwd")
     p.add_argument("user", metavar="USER")
     p.add_argument("--stdin", action="store_true", help="read the password from standard input")
@@ -570,12 +656,12 @@ def _classic(name: str, argv: list[str]) -> int:
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
-    """Set a POP3 password: asked twice on the terminal, or one line on stdin."""
+    """Set a POP3 password: asked twice on a terminal, else the first line of stdin."""
     import getpass
 
     from core.checkpassword import set_password
 
-    if args.stdin:
+    if args.stdin or not sys.stdin.isatty():
         password = sys.stdin.readline().rstrip("\n")
     else:
         password = getpass.getpass(f"new POP3 password for {args.user}: ")
