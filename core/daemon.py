@@ -146,6 +146,7 @@ class Core:
         self.pop3_address = pop3  # where to listen for POP3; None: not at all
         self.checkpassword = checkpassword  # an external checkpassword; None: users/passwd
         self.pop3: Pop3Server | None = None
+        self._closing: asyncio.Task[None] | None = None
         self.smtp: SmtpServer | None = None
         self._late: asyncio.Future[None] | None = None  # a listener starting after a reload
         self.clock = clock or SystemClock()
@@ -164,7 +165,18 @@ class Core:
         return self._config
 
     def stop(self) -> None:
+        """TERM: no new connections from now on; then deliveries wind down."""
+        if self._stopping.is_set():
+            return
         self._stopping.set()
+        with contextlib.suppress(RuntimeError):  # no loop: nothing is listening
+            self._closing = asyncio.get_running_loop().create_task(self._close_listeners())
+
+    async def _close_listeners(self) -> None:
+        if self.smtp is not None:
+            await self.smtp.close()
+        if self.pop3 is not None:
+            await self.pop3.close()
 
     def reload(self) -> list[Problem]:
         """Re-read control/*; keep the last good configuration if the new one has errors."""
@@ -330,10 +342,7 @@ class Core:
             loop.remove_reader(trigger[0])
             for fd in trigger:
                 os.close(fd)
-            if self.smtp is not None:
-                await self.smtp.close()
-            if self.pop3 is not None:
-                await self.pop3.close()
+            await self._close_listeners()
             await sock.close()
             await self.spawner.close()
             executor.shutdown(wait=True)

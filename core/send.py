@@ -420,7 +420,7 @@ class Send:
             task.cancel()
         while self._tasks:
             await asyncio.wait(set(self._tasks))
-        for message in self.messages.values():
+        for message in list(self.messages.values()):  # SMTP may still be adding
             for channel, when in message.due.items():
                 if message.pending(channel):
                     await self.io(self.queue.set_due, channel, message.id, when)
