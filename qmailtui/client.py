@@ -1,15 +1,20 @@
-"""One way to ask the core: over its control socket when a core runs, else
-in-process on the files under the root's lock. Both answer with the same
-dictionaries, because both end in core.service.Service."""
+"""One way to ask the core, whichever door: over its control socket when a
+core runs (`SocketClient`), in-process on the files under the root's lock
+when none does (`connect`), or in-process with a core this program runs
+itself (`embedded`, the console's default). All answer with the same
+dictionaries, because all end in core.service.Service, and `events()`
+gives the same stream of `{"event": KIND, "data": {...}}` items."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, Protocol
 
 from core import protocol
+from core.controlsock import SUBSCRIBER_QUEUE
 from core.daemon import offline, running_pid
 from core.errors import UserError
 from core.paths import QmailRoot
@@ -20,6 +25,8 @@ TIMEOUT = 60.0
 
 class CoreClient(Protocol):
     async def call(self, op: str, **args: Any) -> Any: ...
+
+    def events(self, kinds: list[str] | None = None) -> AsyncIterator[dict[str, Any]]: ...
 
 
 class RequestFailed(UserError):
@@ -33,6 +40,7 @@ class SocketClient:
         self._reader = reader
         self._writer = writer
         self._next = 0
+        self._path = Path()
 
     @classmethod
     async def connect(cls, root: QmailRoot) -> SocketClient | None:
@@ -47,7 +55,9 @@ class SocketClient:
                 f"{root.control_socket}: access denied (only root and the core's user may"
                 " talk to the core)"
             ) from None
-        return cls(reader, writer)
+        client = cls(reader, writer)
+        client._path = root.control_socket
+        return client
 
     async def call(self, op: str, **args: Any) -> Any:
         self._next += 1
@@ -62,6 +72,24 @@ class SocketClient:
             raise RequestFailed(str(error.get("code")), str(error.get("message")))
         return reply.get("result")
 
+    async def events(self, kinds: list[str] | None = None) -> AsyncIterator[dict[str, Any]]:
+        """The core's events, on a connection of their own."""
+        reader, writer = await asyncio.open_unix_connection(
+            str(self._path), limit=protocol.MAX_LINE * 64
+        )
+        try:
+            writer.write(protocol.request(1, "subscribe", {"kinds": kinds} if kinds else {}))
+            await writer.drain()
+            reply = protocol.decode_reply(await reader.readline())
+            if not reply.get("ok"):
+                error = reply.get("error") or {}
+                raise RequestFailed(str(error.get("code")), str(error.get("message")))
+            while line := await reader.readline():
+                item = protocol.decode_reply(line)
+                yield {"event": item.get("event"), "data": item.get("data") or {}}
+        finally:
+            writer.close()
+
     async def close(self) -> None:
         self._writer.close()
         with contextlib.suppress(Exception):
@@ -73,10 +101,49 @@ class InProcessClient:
         self.service = service
 
     async def call(self, op: str, **args: Any) -> Any:
+        if op == "subscribe":
+            raise RequestFailed("bad-request", "use events() to subscribe")
         try:
             return await self.service.handle(op, args)
         except ServiceError as e:
             raise RequestFailed(e.code, e.message) from None
+
+    async def events(self, kinds: list[str] | None = None) -> AsyncIterator[dict[str, Any]]:
+        """As the socket's stream: a lagged item when this reader fell behind."""
+        sub = self.service.send.events.subscribe(
+            SUBSCRIBER_QUEUE, frozenset(kinds) if kinds else None
+        )
+        try:
+            while (event := await sub.get()) is not None:
+                if sub.lagged:
+                    sub.lagged = False
+                    yield {"event": "lagged", "data": {"dropped": sub.take_dropped()}}
+                yield {"event": event.kind, "data": event.data}
+        finally:
+            sub.close()
+
+
+@contextlib.asynccontextmanager
+async def embedded(root: QmailRoot, **options: Any) -> AsyncIterator[InProcessClient]:
+    """A core run by this program (the console's embedded default), and a
+    client on it. `options` are Core's (smtp=, pop3=, ...). The core serves
+    its control socket too, so other programs can attach meanwhile."""
+    from core.daemon import Core
+
+    core = Core(root, **options)
+    task = asyncio.ensure_future(core.run())
+    started = asyncio.ensure_future(core.started.wait())
+    await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        started.cancel()
+        task.result()  # raises why it could not start (UserError: the root is locked...)
+        raise UserError("the core stopped as it started")
+    assert core.service is not None
+    try:
+        yield InProcessClient(core.service)
+    finally:
+        core.stop()
+        await task
 
 
 @contextlib.asynccontextmanager
