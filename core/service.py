@@ -73,6 +73,8 @@ class Service:
         self.last_reload: dict[str, Any] = {"at": None, "ok": True, "problems": []}
 
     async def handle(self, op: str, args: dict[str, Any]) -> Any:
+        if op in ACTIONS:  # `retry` and the rest, as ops of their own: `act` named for you
+            return await self.op_act({**args, "action": op})
         method = getattr(self, "op_" + op.replace("-", "_"), None)
         if method is None:
             raise ServiceError("unknown-op", f"unknown request {op!r}")

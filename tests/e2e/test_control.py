@@ -146,3 +146,28 @@ def test_the_command_line_twins(root: QmailRoot, server: Server) -> None:
     snap = json.loads(qmailtui("snapshot", root=root).stdout)
     assert snap["running"] is True
     assert snap["config"]["ok"] is True
+
+
+def test_retry_hold_release_and_delete_as_ops_of_their_own(root: QmailRoot, server: Server) -> None:
+    (root.control / "smtproutes").write_text(":127.0.0.1:1\n")
+    inject(root, "someone@far.test")
+    raw = Raw(root)
+    deadline = time.monotonic() + 20
+    while (
+        not (page := raw.call("list")["result"]["messages"])
+        or not page[0]["recipients"][0]["attempts"]
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    msgid = page[0]["id"]
+    dry = raw.call("delete", ids=[msgid], dry_run=True)["result"]
+    assert dry["dry_run"] is True
+    assert dry["done"] == []
+    assert raw.call("hold", ids=[msgid])["result"]["done"] == [msgid]
+    assert raw.call("retry", ids=[msgid])["result"]["skipped"] == {
+        str(msgid): "held: release it first"
+    }
+    assert raw.call("release", filter={"domain": "far.test"})["result"]["done"] == [msgid]
+    assert raw.call("delete", ids=[msgid])["result"]["done"] == [msgid]
+    assert raw.call("list")["result"]["total"] == 0
+    raw.close()
