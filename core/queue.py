@@ -448,15 +448,21 @@ class Queue:
         return [i for i in self._info_files() if i not in todo]
 
     def _info_files(self) -> list[int]:
-        ids: list[int] = []
-        for i in range(SPLIT):
+        return sorted(self._split_ids("info"))
+
+    def present(self) -> dict[str, set[int]]:
+        """Which ids have a local, remote, state and bounce file: one listing of
+        each directory, so that loading a big queue opens only what exists."""
+        found = {channel: self._split_ids(channel) for channel in CHANNELS}
+        for flat in ("state", "bounce"):
+            found[flat] = set()
             with contextlib.suppress(FileNotFoundError):
-                ids += (int(n) for n in os.listdir(self.dir / "info" / str(i)) if n.isdigit())
-        return sorted(ids)
+                found[flat] = self._ids_in(flat)
+        return found
 
     def read_info(self, msgid: int) -> tuple[str, float]:
         """(sender, birth time) of a preprocessed message."""
-        path = self.root.info(msgid)
+        path = self.root.split_name("info", msgid)
         with open(path, "rb") as f:
             data = f.read()
             birth = os.fstat(f.fileno()).st_mtime
@@ -467,7 +473,7 @@ class Queue:
     def read_channel(self, channel: str, msgid: int) -> tuple[list[Record], float] | None:
         """The records and the due time (the file's mtime), or None if absent."""
         try:
-            with open(self.root.channel(channel, msgid), "rb") as f:
+            with open(self.root.split_name(channel, msgid), "rb") as f:
                 data = f.read()
                 due = os.fstat(f.fileno()).st_mtime
         except FileNotFoundError:
@@ -482,7 +488,7 @@ class Queue:
         return records, due
 
     def message_size(self, msgid: int) -> int:
-        return self.root.mess(msgid).stat().st_size
+        return os.stat(self.root.split_name("mess", msgid)).st_size
 
     def read_message(self, msgid: int, limit: int = -1) -> bytes:
         """The message file's bytes, checked to be this message's after reading
@@ -756,7 +762,9 @@ class Queue:
                 removed.append(path)
 
         def has(kind: str, msgid: int) -> bool:
-            return self._path(kind, msgid).exists()
+            # Listed: it was there (one gone since only leaves an orphan for the
+            # next start). Not listed: look again, a live writer may have made it.
+            return msgid in candidates[kind] or self._path(kind, msgid).exists()
 
         # todo/N or info/N without mess: the crash kept the commit's link but not
         # the mess link made just before it. Never acknowledged.
@@ -777,7 +785,7 @@ class Queue:
         # enqueue_routed writes them before info exists.
         for channel in CHANNELS:
             for msgid in candidates[channel] - writing:
-                if not has("todo", msgid) and not (has("info", msgid) and has("mess", msgid)):
+                if not (has("info", msgid) and has("mess", msgid)) and not has("todo", msgid):
                     gone(self.root.channel(channel, msgid))
         for kind in ("intd", *_OWN_FILES):
             for msgid in candidates[kind] - writing:

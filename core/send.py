@@ -53,6 +53,7 @@ TODO_SCAN = 60.0  # seconds between scans of todo/ besides the trigger (qmail: 1
 REMOTE_GRACE = 10.0  # seconds TERM waits for remote transactions before it drops them
 SYSFAIL = 123.0  # qmail-send's retry delay after a system error
 PREPROCESS_AT_ONCE = 8
+LOAD_AT_ONCE = 2000  # messages read per worker-thread hop when the core starts
 FORWARDED = re.compile(r"^qp (\d+)$", re.MULTILINE)  # qmail-local's report of a forward
 DROPPED = "Stopped while delivering; the recipient stays queued. (#4.3.0)\n"
 ADMIN_BOUNCE = "Sorry, the postmaster gave up on this message. (#5.0.0)\n"
@@ -291,24 +292,33 @@ class Send:
                 )
         ids = await self.io(self.queue.info_ids)
         held = await self.io(self.queue.held_ids)
-        for msgid in ids:
-            message = await self.io(self._load_message, msgid)
-            if message is None:
-                continue
-            message.held = msgid in held
-            self.messages[msgid] = message
-            for channel in message.channels():
-                if message.pending(channel):
-                    self._schedule(message, channel, message.due[channel])
+        present = await self.io(self.queue.present)
+        # A thread hop per batch, not per message; one batch at a time, since
+        # the work is mostly Python's and threads would only pass the GIL around.
+        for start in range(0, len(ids), LOAD_AT_ONCE):
+            batch = ids[start : start + LOAD_AT_ONCE]
+            for message in await self.io(self._load_batch, batch, present):
+                message.held = message.id in held
+                self.messages[message.id] = message
+                for channel in message.channels():
+                    if message.pending(channel):
+                        self._schedule(message, channel, message.due[channel])
         for msgid in await self.io(self.queue.todo_ids):
             if msgid not in self.messages:
-                message = await self.io(self._load_todo, msgid)
-                if message is not None:
-                    message.held = msgid in held
-                    self.messages[msgid] = message
+                waiting = await self.io(self._load_todo, msgid)
+                if waiting is not None:
+                    waiting.held = msgid in held
+                    self.messages[msgid] = waiting
         self.loaded.set()
 
-    def _load_message(self, msgid: int) -> Message | None:
+    def _load_batch(self, ids: list[int], present: dict[str, set[int]]) -> list[Message]:
+        config = self.config()
+        loaded = (self._load_message(msgid, present, config) for msgid in ids)
+        return [m for m in loaded if m is not None]
+
+    def _load_message(
+        self, msgid: int, present: dict[str, set[int]] | None = None, config: Config | None = None
+    ) -> Message | None:
         try:
             sender, birth = self.queue.read_info(msgid)
             size = self.queue.message_size(msgid)
@@ -317,6 +327,8 @@ class Send:
             return None
         message = Message(msgid, sender, birth, size)
         for channel in CHANNELS:
+            if present is not None and msgid not in present[channel]:
+                continue
             found = self.queue.read_channel(channel, msgid)
             if found is None:
                 continue
@@ -325,23 +337,32 @@ class Send:
             message.recipients += (
                 Recipient(channel, r.address, r.offset, done=r.done) for r in records
             )
-        self._apply_state(message)
+        self._apply_state(message, present, config)
         return message
 
-    def _apply_state(self, message: Message) -> None:
+    def _apply_state(
+        self,
+        message: Message,
+        present: dict[str, set[int]] | None = None,
+        config: Config | None = None,
+    ) -> None:
         """Attempts and replies from state/N; failures from bounce/N."""
-        raw = self.queue.read_state(message.id)
+        raw = None
+        if present is None or message.id in present["state"]:
+            raw = self.queue.read_state(message.id)
         known: dict[str, dict[str, Any]] = {}
         if raw:
             with contextlib.suppress(ValueError):
                 known = json.loads(raw).get("recipients", {})
         failed = set()
-        text = self.queue.read_bounce(message.id)
+        text = None
+        if present is None or message.id in present["bounce"]:
+            text = self.queue.read_bounce(message.id)
         if text:
             for line in text.split(b"\n"):
                 if line.startswith(b"<") and line.endswith(b">:"):
                     failed.add(line[1:-2].decode("utf-8", "surrogateescape"))
-        config = self.config()
+        config = config or self.config()
         for r in message.recipients:
             info = known.get(f"{r.channel}:{r.address}", {})
             r.attempts = int(info.get("attempts", 0))
