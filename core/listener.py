@@ -21,7 +21,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from core.control import Config
 from core.paths import QmailRoot
@@ -31,6 +31,16 @@ from core.tcprules import Decision, Rules, RulesError, RulesFile, compile_and_sw
 TOO_MANY = b"421 too many connections, try again later (#4.3.2)\r\n"
 TOO_MANY_FROM_YOU = b"421 too many connections from your address (#4.7.0)\r\n"
 PAUSE_AT = 1 << 20  # stop reading from a client whose unprocessed input passes this
+
+
+class Connection(asyncio.Protocol):
+    """A listener's connection: a protocol that can be told to end (TERM)."""
+
+    def shutdown(self) -> None:
+        raise NotImplementedError
+
+
+C = TypeVar("C", bound=Connection)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,33 +72,36 @@ class Settings:
         self.resolver = resolver  # dnspython's, for TCPREMOTEHOST when a rule names hosts
 
 
-class SmtpServer:
-    def __init__(
-        self,
-        settings: Settings,
-        enqueue: Enqueue,
-        log: Callable[[str], None],
-        queue_error: Callable[[BaseException], str],
-    ) -> None:
-        self.settings = settings
-        self.enqueue = enqueue
-        self.log = log
-        self.queue_error = queue_error  # an exception -> qmail-queue's "Dtext"/"Ztext"
+class Listening(Generic[C]):
+    """What every listener does alike: accept, count connections in and out
+    against the limits (tcpserver's -c, and per address), and on close stop
+    accepting and tell each open connection to end."""
+
+    too_many = TOO_MANY
+    too_many_from_you = TOO_MANY_FROM_YOU
+    backlog = 512
+
+    def __init__(self) -> None:
         self.sessions = 0
         self.per_ip: dict[str, int] = {}
         self._server: asyncio.Server | None = None
-        self._connections: set[SmtpConnection] = set()
+        self._connections: set[C] = set()
+
+    def limits(self) -> Limits:
+        raise NotImplementedError
+
+    def connection(self) -> C:
+        raise NotImplementedError
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: SmtpConnection(self), host, port, backlog=512, reuse_address=True
+            self.connection, host, port, backlog=self.backlog, reuse_address=True
         )
         sockname = self._server.sockets[0].getsockname()
         return str(sockname[0]), int(sockname[1])
 
     async def close(self) -> None:
-        """Stop accepting; sessions still talking get qmail's kind of goodbye."""
         if self._server is not None:
             self._server.close()
         for connection in list(self._connections):
@@ -97,19 +110,19 @@ class SmtpServer:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
 
-    def admit(self, connection: SmtpConnection, ip: str) -> bytes | None:
-        """Count the connection in, or say why not (a 421)."""
-        limits = self.settings.limits
+    def admit(self, connection: C, ip: str) -> bytes | None:
+        """Count the connection in, or the reply that says why not."""
+        limits = self.limits()
         if self.sessions >= limits.connections:
-            return TOO_MANY
+            return self.too_many
         if self.per_ip.get(ip, 0) >= limits.per_ip:
-            return TOO_MANY_FROM_YOU
+            return self.too_many_from_you
         self.sessions += 1
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         self._connections.add(connection)
         return None
 
-    def leave(self, connection: SmtpConnection, ip: str) -> None:
+    def leave(self, connection: C, ip: str) -> None:
         self._connections.discard(connection)
         self.sessions -= 1
         left = self.per_ip[ip] - 1
@@ -117,6 +130,27 @@ class SmtpServer:
             self.per_ip[ip] = left
         else:
             del self.per_ip[ip]
+
+
+class SmtpServer(Listening["SmtpConnection"]):
+    def __init__(
+        self,
+        settings: Settings,
+        enqueue: Enqueue,
+        log: Callable[[str], None],
+        queue_error: Callable[[BaseException], str],
+    ) -> None:
+        super().__init__()
+        self.settings = settings
+        self.enqueue = enqueue
+        self.log = log
+        self.queue_error = queue_error  # an exception -> qmail-queue's "Dtext"/"Ztext"
+
+    def limits(self) -> Limits:
+        return self.settings.limits
+
+    def connection(self) -> SmtpConnection:
+        return SmtpConnection(self)
 
 
 def client_env(
@@ -148,7 +182,7 @@ def client_env(
     return env, decision
 
 
-class SmtpConnection(asyncio.Protocol):
+class SmtpConnection(Connection):
     def __init__(self, server: SmtpServer) -> None:
         self.server = server
         self.settings = server.settings

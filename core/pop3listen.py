@@ -22,7 +22,6 @@ text whether the user exists or not. Passwords are never logged.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import ssl
@@ -33,7 +32,7 @@ from dataclasses import dataclass
 
 from core import checkpassword
 from core.control import Config
-from core.listener import Limits, compiled_rules
+from core.listener import Connection, Limits, Listening, compiled_rules
 from core.paths import QmailRoot
 from core.pop3d import TIMEOUT, Lines
 from core.pop3stdio import TIMEOUT_VARIABLE
@@ -89,53 +88,21 @@ def builtin_checker(root: str) -> list[str]:
     return [sys.executable, "-m", "qmailtui", "checkpassword", "--root", root]
 
 
-class Pop3Server:
+class Pop3Server(Listening["Pop3Connection"]):
+    too_many = too_many_from_you = POP3_TOO_MANY
+    backlog = 128
+
     def __init__(self, settings: Pop3Settings, log: Callable[[str], None]) -> None:
+        super().__init__()
         self.settings = settings
         self.log = log
-        self.sessions = 0
-        self.per_ip: dict[str, int] = {}
         self.failures: dict[str, tuple[int, float]] = {}  # ip -> (recent failures, last)
-        self._server: asyncio.Server | None = None
-        self._connections: set[Pop3Connection] = set()
 
-    async def start(self, host: str, port: int) -> tuple[str, int]:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: Pop3Connection(self), host, port, backlog=128, reuse_address=True
-        )
-        sockname = self._server.sockets[0].getsockname()
-        return str(sockname[0]), int(sockname[1])
+    def limits(self) -> Limits:
+        return self.settings.limits
 
-    async def close(self) -> None:
-        """Stop accepting and hang up: a session without QUIT changes nothing."""
-        if self._server is not None:
-            self._server.close()
-        for connection in list(self._connections):
-            connection.hang_up()
-        if self._server is not None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), 5)
-
-    def admit(self, connection: Pop3Connection, ip: str) -> bytes | None:
-        limits = self.settings.limits
-        if self.sessions >= limits.connections:
-            return POP3_TOO_MANY
-        if self.per_ip.get(ip, 0) >= limits.per_ip:
-            return POP3_TOO_MANY
-        self.sessions += 1
-        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
-        self._connections.add(connection)
-        return None
-
-    def leave(self, connection: Pop3Connection, ip: str) -> None:
-        self._connections.discard(connection)
-        self.sessions -= 1
-        left = self.per_ip[ip] - 1
-        if left:
-            self.per_ip[ip] = left
-        else:
-            del self.per_ip[ip]
+    def connection(self) -> Pop3Connection:
+        return Pop3Connection(self)
 
     def failed(self, ip: str) -> float:
         """Count a failed login; the delay before saying so."""
@@ -167,7 +134,7 @@ class _Child(asyncio.Protocol):
             self.done.set_result(None)
 
 
-class Pop3Connection(asyncio.Protocol):
+class Pop3Connection(Connection):
     def __init__(self, server: Pop3Server) -> None:
         self.server = server
         self.settings = server.settings
@@ -263,6 +230,10 @@ class Pop3Connection(asyncio.Protocol):
     def hang_up(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+    def shutdown(self) -> None:
+        """TERM: hang up; a session without QUIT changes nothing."""
+        self.hang_up()
 
     def _work(self) -> None:
         while self.pending and not self.busy and self.transport is not None:
