@@ -627,6 +627,20 @@ def test_a_finished_messages_small_files_are_reused_for_the_next_one(root: Qmail
     assert root.channel("local", second).read_bytes() == b"Tv@mx.example.org\0"
 
 
+def test_a_reused_file_longer_than_the_new_content_is_cut_to_it(root: QmailRoot) -> None:
+    """Reused files are written over, not emptied first: the end must go."""
+    queue = Queue(root)
+    big = enqueue(queue, message=b"Subject: big\n\n" + b"x" * 100_000 + b"\n")
+    queue.preprocess(big, "a@b.test", ["u@mx.example.org"] * 50, [], NOW)
+    queue.remove_message(big, reuse_mess=True)
+    small = enqueue(queue, message=MESSAGE)
+    queue.preprocess(small, "c@d.test", ["v@mx.example.org"], [], NOW)
+    data = root.mess(small).read_bytes()
+    assert data.endswith(MESSAGE)
+    assert len(data) < 200
+    assert root.channel("local", small).read_bytes() == b"Tv@mx.example.org\0"
+
+
 def test_spare_files_are_bounded(root: QmailRoot, monkeypatch: pytest.MonkeyPatch) -> None:
     import core.queue
 
