@@ -25,13 +25,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+StrPath = str | os.PathLike[str]  # the queue's hot paths pass plain strings
+
 
 class Durability(Protocol):
-    def sync(self, files: Sequence[Path], dirs: Sequence[Path]) -> None: ...
+    def sync(self, files: Sequence[StrPath], dirs: Sequence[StrPath]) -> None: ...
 
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+def fsync_path(path: StrPath) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if os.path.isdir(path) else 0))
     try:
         os.fsync(fd)
     finally:
@@ -63,7 +65,7 @@ def replace_file(tmp: Path, target: Path, data: bytes, mode: int | None = None) 
 
 
 class FsyncEach:
-    def sync(self, files: Sequence[Path], dirs: Sequence[Path]) -> None:
+    def sync(self, files: Sequence[StrPath], dirs: Sequence[StrPath]) -> None:
         for path in files:
             fsync_path(path)
         for path in dict.fromkeys(dirs):
@@ -91,7 +93,7 @@ def _load_syncfs() -> SyncFs | None:
 class _Device:
     """Leader/follower state for one file system."""
 
-    def __init__(self, anchor: Path) -> None:
+    def __init__(self, anchor: StrPath) -> None:
         self.fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY)
         self.cond = threading.Condition()
         self.started = 0  # generations of syncfs begun
@@ -105,6 +107,7 @@ class GroupCommit:
         self._syncfs = _load_syncfs()
         self._fallback = FsyncEach()
         self._devices: dict[int, _Device] = {}
+        self._anchors: dict[str, _Device] = {}  # a directory's device, found once
         self._lock = threading.Lock()
         self.syncs = 0  # how many syncfs calls were made (for the benchmark)
 
@@ -112,19 +115,25 @@ class GroupCommit:
     def is_grouped(self) -> bool:
         return self._syncfs is not None
 
-    def _device(self, anchor: Path) -> _Device:
-        dev = os.stat(anchor).st_dev
+    def _device(self, anchor: StrPath) -> _Device:
+        name = os.fspath(anchor)
+        known = self._anchors.get(name)
+        if known is not None:
+            return known
+        dev = os.stat(name).st_dev
         with self._lock:
             device = self._devices.get(dev)
             if device is None:
-                device = self._devices[dev] = _Device(anchor)
+                device = self._devices[dev] = _Device(name)
+            if len(self._anchors) < 4096:
+                self._anchors[name] = device
             return device
 
-    def sync(self, files: Sequence[Path], dirs: Sequence[Path]) -> None:
+    def sync(self, files: Sequence[StrPath], dirs: Sequence[StrPath]) -> None:
         if self._syncfs is None:
             self._fallback.sync(files, dirs)
             return
-        anchors = list(dict.fromkeys(dirs or [p.parent for p in files]))
+        anchors = list(dict.fromkeys(dirs or [os.path.dirname(os.fspath(p)) for p in files]))
         for anchor in dict.fromkeys(self._device(a) for a in anchors):
             self._sync_device(anchor)
 
@@ -168,6 +177,7 @@ class GroupCommit:
             for device in self._devices.values():
                 os.close(device.fd)
             self._devices.clear()
+            self._anchors.clear()
 
 
 class LoopGroupCommit:
@@ -186,12 +196,12 @@ class LoopGroupCommit:
         self._loop = loop
         self._fallback = fallback  # no syncfs here: fsync each file, in the thread
         self._cond = threading.Condition()
-        self._waiting: list[tuple[Sequence[Path], Sequence[Path], Any]] = []
+        self._waiting: list[tuple[Sequence[StrPath], Sequence[StrPath], Any]] = []
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="syncer", daemon=True)
         self._thread.start()
 
-    async def sync(self, files: Sequence[Path], dirs: Sequence[Path]) -> None:
+    async def sync(self, files: Sequence[StrPath], dirs: Sequence[StrPath]) -> None:
         future = self._loop.create_future()
         with self._cond:
             self._waiting.append((files, dirs, future))
@@ -209,9 +219,9 @@ class LoopGroupCommit:
             error: OSError | None = None
             try:
                 if self._fallback.is_grouped:
-                    anchors: dict[Path, None] = {}
+                    anchors: dict[StrPath, None] = {}
                     for files, dirs, _ in batch:
-                        for anchor in dirs or [p.parent for p in files]:
+                        for anchor in dirs or [os.path.dirname(os.fspath(p)) for p in files]:
                             anchors[anchor] = None
                     self._fallback.sync([], list(anchors))  # one syncfs per file system
                 else:
@@ -228,7 +238,9 @@ class LoopGroupCommit:
         self._thread.join(60)
 
 
-def _wake(batch: list[tuple[Sequence[Path], Sequence[Path], Any]], error: OSError | None) -> None:
+def _wake(
+    batch: list[tuple[Sequence[StrPath], Sequence[StrPath], Any]], error: OSError | None
+) -> None:
     for _, _, future in batch:
         if future.done():
             continue

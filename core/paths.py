@@ -119,6 +119,10 @@ class QmailRoot:
     def split(self, kind: str, msgid: int) -> Path:
         return Path(self.split_name(kind, msgid))
 
+    def flat_name(self, kind: str, msgid: int) -> str:
+        """queue/KIND/N as a string (todo, intd, bounce, state, hold)."""
+        return f"{self._q}{kind}/{msgid}"
+
     def split_name(self, kind: str, msgid: int) -> str:
         """As split(), as a string: loading a big queue opens hundreds of
         thousands of these, and a Path costs more to make than the open."""

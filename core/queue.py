@@ -58,8 +58,9 @@ import threading
 import time
 from collections.abc import Generator, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
-from core.durable import Durability, FsyncEach
+from core.durable import Durability, FsyncEach, StrPath
 from core.paths import FLAT_DIRS, QMAIL_FLAT_DIRS, SPLIT, SPLIT_DIRS, QmailRoot, is_same_file
 from core.timefmt import date822
 
@@ -187,6 +188,9 @@ class Record:
         self.done = done
 
 
+P = TypeVar("P", str, Path)
+
+
 class _Draft:
     """A message being queued: its id, its pid/ file, and every file made so far."""
 
@@ -196,7 +200,7 @@ class _Draft:
         self.msgid = msgid
         self.temp = temp
         self.qp = 0  # the number in the Received line and the `p` record
-        self.made: list[Path] = []
+        self.made: list[StrPath] = []
 
 
 class Queue:
@@ -217,6 +221,7 @@ class Queue:
         self._ids: Iterator[int] = iter(())
         self._id_lock = threading.Lock()
         self._spares: list[str] = []
+        self._spare_dir = os.path.join(str(root.queue), "spare") + "/"
         self._spare_lock = threading.Lock()
         self._spare_count = -1  # unknown until spare/ is first listed
         self._spare_listed = 0.0
@@ -333,7 +338,7 @@ class Queue:
 
     # -- recycled files (spare/) -------------------------------------------
 
-    def _open_new(self, path: Path) -> int:
+    def _open_new(self, path: StrPath) -> int:
         """A file descriptor for writing a new file at `path` (a name no file
         has), reusing a spare inode when there is one. A reused file is not
         emptied here: the writer writes from the start and then cuts the file
@@ -344,13 +349,13 @@ class Queue:
             if name is None:
                 return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
-                os.rename(self.dir / "spare" / name, path)
+                os.rename(self._spare_dir + name, path)
             except FileNotFoundError:
                 continue  # another process took it first
             try:
                 return os.open(path, os.O_WRONLY)
             except PermissionError:  # another user's spare: use a fresh file instead
-                path.unlink()
+                os.unlink(path)
                 return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
 
     def _pop_spare(self) -> str | None:
@@ -374,7 +379,7 @@ class Queue:
         except FileNotFoundError:
             return
 
-    def _retire(self, path: Path) -> None:
+    def _retire(self, path: StrPath) -> None:
         """Remove a finished message's file, keeping its inode in spare/ if room."""
         with self._spare_lock:
             if self._spare_count < 0:
@@ -389,11 +394,11 @@ class Queue:
                 self._spare_count += 1
         try:
             if keep:
-                os.rename(path, self.dir / "spare" / name)
+                os.rename(path, self._spare_dir + name)
                 with self._spare_lock:
                     self._spares.append(name)
             else:
-                path.unlink()
+                os.unlink(path)
         except FileNotFoundError:
             if keep:
                 with self._spare_lock:
@@ -439,10 +444,10 @@ class Queue:
             if fd >= 0:
                 os.close(fd)
 
-    def _undo(self, made: list[Path]) -> None:
+    def _undo(self, made: list[StrPath]) -> None:
         for path in reversed(made):
             with contextlib.suppress(OSError):
-                path.unlink()
+                os.unlink(path)
 
     def pull_trigger(self) -> None:
         """Wake a running core at once (qmail's lock/trigger FIFO); fine if none runs."""
@@ -552,7 +557,7 @@ class Queue:
         )
         return self.run_steps(steps)
 
-    def run_steps(self, steps: Generator[tuple[list[Path], list[Path]], None, int]) -> int:
+    def run_steps(self, steps: Generator[tuple[list[StrPath], list[StrPath]], None, int]) -> int:
         """Drive queue-writing steps here, with this queue's durability at each
         sync point (send.write_steps is the same on an event loop)."""
         try:
@@ -579,7 +584,7 @@ class Queue:
         invoked: str,
         now: float,
         qp_is_id: bool = False,
-    ) -> Generator[tuple[list[Path], list[Path]], None, int]:
+    ) -> Generator[tuple[list[StrPath], list[StrPath]], None, int]:
         """enqueue_routed as steps: each yield asks for (files, dirs) to be made
         durable before going on, so that a caller on an event loop can wait for
         its group commit without a thread of its own (an OSError from the sync
@@ -594,28 +599,28 @@ class Queue:
         addresses = [sender, *local, *remote]
         with self._writing(message, addresses, pid, invoked, now, qp_is_id) as draft:
             msgid = draft.msgid
-            channels = []
+            channels: list[StrPath] = []
             for channel, rcpts in zip(CHANNELS, (local, remote), strict=True):
                 if rcpts:
-                    path = self.root.channel(channel, msgid)
+                    path = self.root.split_name(channel, msgid)
                     draft.made.append(path)
                     channels.append(
                         self._write_new(path, b"".join(b"T" + _b(r) + b"\0" for r in rcpts))
                     )
-            info_temp = self.dir / "pid" / f"{pid}.{int(now)}.{msgid}.info"
+            info_temp = f"{self.root.queue}/pid/{pid}.{int(now)}.{msgid}.info"
             draft.made.append(info_temp)
             self._write_new(info_temp, b"F" + _b(sender) + b"\0")
             os.utime(info_temp, (now, now))  # info's mtime is the birth time
-            yield [draft.temp, *channels, info_temp], [p.parent for p in channels]
-            mess, info = self.root.mess(msgid), self.root.info(msgid)
+            yield [draft.temp, *channels, info_temp], [os.path.dirname(p) for p in channels]
+            mess, info = self.root.split_name("mess", msgid), self.root.split_name("info", msgid)
             os.link(draft.temp, mess)
             draft.made.append(mess)
             os.link(info_temp, info)  # S5: the commit point
             draft.made.append(info)
-            yield [], [mess.parent, info.parent]
-            for path in (draft.temp, info_temp):
-                os.unlink(path)
-                draft.made.remove(path)
+            yield [], [os.path.dirname(mess), os.path.dirname(info)]
+            for done in (draft.temp, info_temp):
+                os.unlink(done)
+                draft.made.remove(done)
         return msgid
 
     # -- preprocessing (qmail-send, S4 -> S5) ------------------------------
@@ -639,7 +644,7 @@ class Queue:
             self.root.intd(msgid).unlink()
         self._retire(self.root.todo(msgid))  # its last name: the inode is free to reuse
 
-    def _write_new(self, path: Path, data: bytes) -> Path:
+    def _write_new(self, path: P, data: bytes) -> P:
         """Write a new file; the caller makes it durable (with its siblings)."""
         fd = self._open_new(path)
         try:
@@ -654,7 +659,7 @@ class Queue:
     def mark_done(self, channel: str, msgid: int, offset: int) -> None:
         """Overwrite a record's T with D, as qmail-send does (not fsynced: at worst
         a crash makes the recipient get the message twice, never zero times)."""
-        fd = os.open(self.root.channel(channel, msgid), os.O_WRONLY)
+        fd = os.open(self.root.split_name(channel, msgid), os.O_WRONLY)
         try:
             os.pwrite(fd, b"D", offset)
         finally:
@@ -663,10 +668,10 @@ class Queue:
     def set_due(self, channel: str, msgid: int, when: float) -> None:
         """Remember the next attempt in the channel file's mtime (qmail does it at exit)."""
         with contextlib.suppress(FileNotFoundError):
-            os.utime(self.root.channel(channel, msgid), (when, when))
+            os.utime(self.root.split_name(channel, msgid), (when, when))
 
     def remove_channel(self, channel: str, msgid: int) -> None:
-        self._retire(self.root.channel(channel, msgid))
+        self._retire(self.root.split_name(channel, msgid))
 
     def append_bounce(self, msgid: int, recipient: str, report: str) -> None:
         """Add one failure to bounce/N in qmail's format (send.md §6.1), durably:
@@ -695,20 +700,21 @@ class Queue:
         delivery running); otherwise it is unlinked, and an open descriptor
         keeps reading the old bytes.
         """
-        self._retire(self.root.info(msgid))
+        root = self.root
+        self._retire(root.split_name("info", msgid))
         for channel in CHANNELS:
-            self._retire(self.root.channel(channel, msgid))
+            self._retire(root.split_name(channel, msgid))
         with contextlib.suppress(FileNotFoundError):
-            self.root.intd(msgid).unlink()  # todo's other name: unlink it before reuse
-        for path in (self.root.todo(msgid), self.root.bounce(msgid), self.root.state(msgid)):
-            self._retire(path)
+            os.unlink(root.flat_name("intd", msgid))  # todo's other name: before reuse
+        for kind in ("todo", "bounce", "state"):
+            self._retire(root.flat_name(kind, msgid))
         with contextlib.suppress(FileNotFoundError):
-            self.root.hold(msgid).unlink()
+            os.unlink(root.flat_name("hold", msgid))
         if reuse_mess:
-            self._retire(self.root.mess(msgid))
+            self._retire(root.split_name("mess", msgid))
         else:
             with contextlib.suppress(FileNotFoundError):
-                self.root.mess(msgid).unlink()
+                os.unlink(root.split_name("mess", msgid))
 
     # -- hold and state (ours) ---------------------------------------------
 

@@ -29,14 +29,13 @@ import re
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from core import bounce as bounces
 from core import retry
 from core.clock import Clock
 from core.control import Config
-from core.durable import LoopGroupCommit
+from core.durable import LoopGroupCommit, StrPath
 from core.events import Events
 from core.local import Result
 from core.log import Log, safe
@@ -161,7 +160,7 @@ async def _no_remote(recipients: list[str], sender: str, msgid: int, now: float)
 
 
 async def write_steps(
-    steps: Generator[tuple[list[Path], list[Path]], None, int], syncer: LoopGroupCommit
+    steps: Generator[tuple[list[StrPath], list[StrPath]], None, int], syncer: LoopGroupCommit
 ) -> int:
     """Run queue-writing steps on the event loop, waiting for the group commit
     at each sync point (file operations take microseconds; a hop to a worker
