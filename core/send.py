@@ -820,10 +820,12 @@ class Send:
             return
         message.finishing = True
         try:
-            if self.queue.root.bounce(message.id).exists():  # a bounce to queue: syncs
-                outcome = await self.io(self._finish_sync, message, self.config())
+            bounce = self.queue.root.flat_name("bounce", message.id)
+            bouncing = os.path.exists(bounce)  # noqa: ASYNC240 - one stat: cheaper than a hop
+            if bouncing:  # a bounce to queue: it syncs, so in a thread
+                outcome = await self.io(self._finish_sync, message, self.config(), True)
             else:
-                outcome = await self.quick_io(self._finish_sync, message, self.config())
+                outcome = await self.quick_io(self._finish_sync, message, self.config(), False)
         except (OSError, QueueError) as e:
             message.finishing = False
             text = e.text if isinstance(e, QueueError) else str(e)
@@ -840,7 +842,9 @@ class Send:
         self.messages.pop(message.id, None)
         self.events.publish("removed", id=message.id)
 
-    def _finish_sync(self, message: Message, config: Config) -> int | str | None:
+    def _finish_sync(
+        self, message: Message, config: Config, bouncing: bool = True
+    ) -> int | str | None:
         """Queue the bounce, if any, then remove the message (queue.md §6.3).
 
         Returns the bounce's id, "triple" for a discarded triple bounce, or None.
@@ -848,7 +852,7 @@ class Send:
         for channel in CHANNELS:
             self.queue.remove_channel(channel, message.id)
         outcome: int | str | None = None
-        reports = self.queue.read_bounce(message.id)
+        reports = self.queue.read_bounce(message.id) if bouncing else None
         if reports is not None:
             made = bounces.make_bounce(
                 sender=message.sender,

@@ -14,6 +14,7 @@ on MAIL, each marked below.
 
 from __future__ import annotations
 
+import re
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -261,16 +262,16 @@ def count_hops(raw: bytes) -> int:
     return hops
 
 
+LEADING_DOT = re.compile(rb"^\.(?!\r)", re.MULTILINE)  # a line's first dot, not before a CR
+
+
 def unstuff(region: bytes) -> bytes:
     """The message as qmail-smtpd's blast() stores it, from the data before the
     final `.` line (which ends with CRLF, and holds no bare LF): CRLF becomes
     LF, a leading dot is dropped unless a CR follows it, any other CR stays."""
     text = region.replace(b"\r\n", b"\n")
     if text.startswith(b".") or b"\n." in text:
-        lines = text.split(b"\n")
-        text = b"\n".join(
-            line[1:] if line[:1] == b"." and line[1:2] != b"\r" else line for line in lines
-        )
+        text = LEADING_DOT.sub(b"", text)
     return text
 
 
