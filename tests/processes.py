@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import selectors
 import signal
 import subprocess
@@ -117,6 +118,7 @@ def serving(
                 raise AssertionError(
                     f"serve did not get ready: {line!r}\n{errors.read_text(errors='replace')}"
                 )
+            proc.ports = ready_ports(line.decode())  # type: ignore[attr-defined]
             yield proc
         finally:
             try:
@@ -124,6 +126,11 @@ def serving(
             finally:
                 if proc.stdout is not None:
                     proc.stdout.close()
+
+
+def ready_ports(line: str) -> dict[str, int]:
+    """{"smtp": PORT, "pop3": PORT} from serve's ready line, for those not off."""
+    return {name: int(port) for name, port in re.findall(r"(\w+)=[\d.]+:(\d+)", line)}
 
 
 def no_world(root: QmailRoot) -> None:

@@ -24,12 +24,12 @@ from tests.processes import (
     CLI,
     add_maildir_user,
     maildir_files,
-    no_world,
     qmailtui,
     read_line,
     stop,
     wait_until,
 )
+from tests.processes import serving as running
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -39,35 +39,16 @@ LISTEN = ("--smtp", "127.0.0.1:0", "--pop3", "127.0.0.1:0")
 
 @dataclass
 class Core:
-    proc: subprocess.Popen[bytes]
     smtp: int
     pop3: int
 
 
 @contextmanager
 def serving(root: QmailRoot, *extra: str) -> Iterator[Core]:
-    no_world(root)
-    errors = root.path.parent / "serve.stderr"
-    with open(errors, "ab") as err:
-        proc = subprocess.Popen(
-            [*CLI, "serve", "--root", str(root.path), *LISTEN, *extra],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            start_new_session=True,
-        )
-    try:
-        assert proc.stdout is not None
-        line = read_line(proc.stdout, 30).decode()
-        found = re.fullmatch(r"ready smtp=127\.0\.0\.1:(\d+) pop3=127\.0\.0\.1:(\d+)\n", line)
-        assert found, f"{line!r}\n{errors.read_text(errors='replace')}"
-        yield Core(proc, int(found[1]), int(found[2]))
-    finally:
-        try:
-            stop(proc)
-        finally:
-            if proc.stdout is not None:
-                proc.stdout.close()
+    """serve with SMTP and POP3 on free loopback ports (the later options win)."""
+    with running(root, extra=(*LISTEN, *extra)) as proc:
+        ports = proc.ports  # type: ignore[attr-defined]
+        yield Core(ports["smtp"], ports["pop3"])
 
 
 def alice(root: QmailRoot) -> Path:

@@ -20,6 +20,8 @@ from tests.processes import (
     no_world,
     qmailtui,
     read_line,
+    ready_ports,
+    serve_options,
     serving,
     wait_until,
 )
@@ -35,7 +37,7 @@ def test_term_during_a_burst_loses_nothing_that_was_accepted(root: QmailRoot) ->
     errors = root.path.parent / "serve.stderr"
     with open(errors, "ab") as err:
         proc = subprocess.Popen(
-            [*CLI, "serve", "--root", str(root.path), "--smtp", "127.0.0.1:0", "--pop3", "off"],
+            [*CLI, "serve", "--root", str(root.path), *serve_options(), "--smtp", "127.0.0.1:0"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=err,
@@ -43,9 +45,8 @@ def test_term_during_a_burst_loses_nothing_that_was_accepted(root: QmailRoot) ->
         )
     assert proc.stdout is not None
     ready = read_line(proc.stdout, 30).decode()
-    found = re.match(r"ready smtp=127\.0\.0\.1:(\d+) ", ready)
-    assert found, (ready, errors.read_text())
-    port = int(found[1])
+    assert ready.startswith("ready "), (ready, errors.read_text())
+    port = ready_ports(ready)["smtp"]
     accepted: list[str] = []
     lock = threading.Lock()
     stop = threading.Event()
