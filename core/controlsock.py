@@ -18,16 +18,17 @@ import os
 from pathlib import Path
 
 from core import protocol
+from core.errors import UserError
 from core.service import Service, ServiceError
 
 SUBSCRIBER_QUEUE = 5000  # events kept for one slow subscriber before the oldest go
 
 
 class ControlSocket:
-    def __init__(self, path: Path, service: Service, mode: int = 0o600) -> None:
+    def __init__(self, path: Path, service: Service, group: int | None = None) -> None:
         self.path = path
         self.service = service
-        self.mode = mode
+        self.group = group  # with a group: mode 0660 and that group; else 0600
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task[None]] = set()
 
@@ -41,7 +42,16 @@ class ControlSocket:
             )
         finally:
             os.umask(old)
-        os.chmod(self.path, self.mode)
+        if self.group is not None:
+            try:
+                os.chown(self.path, -1, self.group)
+            except OSError as e:
+                raise UserError(
+                    f"{self.path}: cannot give it to group {self.group}: {e.strerror}"
+                ) from None
+            os.chmod(self.path, 0o660)
+        else:
+            os.chmod(self.path, 0o600)
 
     async def close(self) -> None:
         if self._server is not None:

@@ -137,6 +137,7 @@ class Core:
         remote_port: int = 25,
         pop3: tuple[str, int] | None = None,
         checkpassword: list[str] | None = None,
+        control_group: int | None = None,
     ) -> None:
         self.root = root
         self.smtp_address = smtp  # where to listen; None: no SMTP listener
@@ -145,6 +146,7 @@ class Core:
         self.remote: Remote | None = None
         self.pop3_address = pop3  # where to listen for POP3; None: not at all
         self.checkpassword = checkpassword  # an external checkpassword; None: users/passwd
+        self.control_group = control_group  # may also use run/control.sock (mode 0660)
         self.pop3: Pop3Server | None = None
         self._closing: asyncio.Task[None] | None = None
         self.smtp: SmtpServer | None = None
@@ -312,7 +314,7 @@ class Core:
         self.service.resolver = self.resolver_address
         self.service.remote = self.remote
         self.service.reloader = self.reload
-        sock = ControlSocket(self.root.control_socket, self.service)
+        sock = ControlSocket(self.root.control_socket, self.service, self.control_group)
         trigger = self._listen_trigger(loop)
         handled = self._signals(loop)
         try:

@@ -91,6 +91,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     smtp = None if args.smtp == "off" else _address(args.smtp, "--smtp")
     pop3 = None if args.pop3 == "off" else _address(args.pop3, "--pop3")
     checker = shlex.split(args.checkpassword) if args.checkpassword else None
+    group = _group(args.control_group) if args.control_group else None
     resolver = None if args.resolver is None else _address(args.resolver, "--resolver")
     core = Core(
         _root(args),
@@ -101,9 +102,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         remote_port=args.remote_port,
         pop3=pop3,
         checkpassword=checker,
+        control_group=group,
     )
     _run_core(core)
     return 0
+
+
+def _group(name: str) -> int:
+    import grp
+
+    try:
+        return grp.getgrnam(name).gr_gid if not name.isdigit() else int(name)
+    except KeyError:
+        raise UserError(f"--control-group {name}: no such group", code=ExitCode.USAGE) from None
 
 
 def _port(text: str) -> int:
@@ -115,7 +126,7 @@ def _port(text: str) -> int:
 def _address(text: str, option: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
-        raise UserError(f"{option} {text}: expected ADDRESS:PORT (or off)", ExitCode.USAGE)
+        raise UserError(f"{option} {text}: expected ADDRESS:PORT (or off)", code=ExitCode.USAGE)
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - the admin asked for it
 
 
@@ -542,6 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--resolver", metavar="ADDR:PORT", help="send DNS look-ups there (default: the system's)"
+    )
+    p.add_argument(
+        "--control-group",
+        metavar="GROUP",
+        help="this group may use the control socket too (mode 0660; default: 0600)",
     )
     p.add_argument(
         "--remote-port",

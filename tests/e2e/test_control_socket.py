@@ -171,3 +171,25 @@ def test_retry_hold_release_and_delete_as_ops_of_their_own(root: QmailRoot, serv
     assert raw.call("delete", ids=[msgid])["result"]["done"] == [msgid]
     assert raw.call("list")["result"]["total"] == 0
     raw.close()
+
+
+def test_a_control_group_gets_a_0660_socket(root: QmailRoot) -> None:
+    import os
+    import stat
+
+    from tests.processes import serving
+
+    gid = os.getgid()
+    with serving(root, extra=("--control-group", str(gid))):
+        st = root.control_socket.stat()
+        assert stat.S_IMODE(st.st_mode) == 0o660
+        assert st.st_gid == gid
+    refused = qmailtui("serve", "--control-group", "no-such-group-here", root=root)
+    assert refused.returncode == 2
+    assert b"--control-group no-such-group-here: no such group" in refused.stderr
+    assert b"Traceback" not in refused.stderr
+    bad = qmailtui("serve", "--smtp", "nonsense", root=root)
+    assert (bad.returncode, bad.stderr) == (
+        2,
+        b"qmailtui: --smtp nonsense: expected ADDRESS:PORT (or off)\n",
+    )
