@@ -123,13 +123,7 @@ class ControlSocket:
         try:
             writer.write(protocol.ok(req.id, {"subscribed": sorted(wanted) if wanted else "all"}))
             await writer.drain()
-            while True:
-                event = await sub.get()
-                if event is None:
-                    return
-                if sub.lagged:
-                    sub.lagged = False
-                    writer.write(protocol.event("lagged", {"dropped": sub.take_dropped()}))
+            async for event in sub.stream():
                 writer.write(protocol.event(event.kind, event.data))
                 if writer.transport.get_write_buffer_size() > 0:
                     await writer.drain()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,6 +56,15 @@ class Subscription:
             self._ready.clear()
             await self._ready.wait()
         return self._items.popleft()
+
+    async def stream(self) -> AsyncIterator[Event]:
+        """The events as they come, with a `lagged` event ({"dropped": N})
+        first whenever this reader fell behind; ends when closed."""
+        while (event := await self.get()) is not None:
+            if self.lagged:
+                self.lagged = False
+                yield Event("lagged", {"dropped": self.take_dropped()})
+            yield event
 
     def drain(self) -> list[Event]:
         items = list(self._items)

@@ -21,7 +21,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from core.control import Config
 from core.paths import QmailRoot
@@ -153,8 +153,15 @@ class SmtpServer(Listening["SmtpConnection"]):
         return SmtpConnection(self)
 
 
+class Listens(Protocol):
+    """What client_env needs of a listener's settings (SMTP's or POP3's)."""
+
+    local: str  # TCPLOCALHOST
+    rules: RulesFile | None
+
+
 def client_env(
-    settings: Settings,
+    settings: Listens,
     ip: str,
     port: int,
     local_ip: str,
@@ -203,7 +210,7 @@ class SmtpConnection(Connection):
         self.transport = transport
         peer = transport.get_extra_info("peername") or ("unknown", 0)
         sock = transport.get_extra_info("sockname") or ("unknown", 0)
-        self.ip = _plain_ip(str(peer[0]))
+        self.ip = plain_ip(str(peer[0]))
         rules_file, rules = self.settings.rules, None
         if rules_file is not None:
             try:
@@ -243,7 +250,7 @@ class SmtpConnection(Connection):
                 self.settings,
                 self.ip,
                 int(peer[1]),
-                _plain_ip(str(sock[0])),
+                plain_ip(str(sock[0])),
                 int(sock[1]),
                 host,
                 rules,
@@ -394,7 +401,7 @@ class SmtpConnection(Connection):
         self.transport.close()
 
 
-def _plain_ip(text: str) -> str:
+def plain_ip(text: str) -> str:
     """IPv4 as tcpserver writes it, also when it came as ::ffff:a.b.c.d."""
     return text[7:] if text.startswith("::ffff:") and "." in text else text
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from core import checkpassword
 from core.control import Config
-from core.listener import Connection, Limits, Listening, compiled_rules
+from core.listener import Connection, Limits, Listening, client_env, compiled_rules, plain_ip
 from core.paths import QmailRoot
 from core.pop3d import TIMEOUT, Lines
 from core.pop3stdio import TIMEOUT_VARIABLE
@@ -49,7 +49,7 @@ POP3_TOO_MANY = b"-ERR too many connections, try again later\r\n"
 
 @dataclass
 class Pop3Settings:
-    hostname: str
+    local: str  # this host's name: TCPLOCALHOST and the greeting's
     checker: list[str]  # the checkpassword program and its own arguments
     limits: Limits
     rules: RulesFile | None
@@ -157,36 +157,27 @@ class Pop3Connection(Connection):
         self.transport = transport
         peer = transport.get_extra_info("peername") or ("unknown", 0)
         local = transport.get_extra_info("sockname") or ("unknown", 0)
-        self.ip = str(peer[0]).removeprefix("::ffff:")
-        if self.settings.rules is not None:
-            try:
-                decision = self.settings.rules.current().lookup(self.ip, None)
-            except OSError as e:
-                self.server.log(f"alert: unable to read etc/tcp.pop3.cdb: {e}; dropped {self.ip}")
-                transport.abort()
-                return
-            if decision is not None and not decision.allow:
-                self.server.log(f"tcpserver: deny {self.ip} (pop3)")
-                transport.close()
-                return
-            if decision is not None:
-                self.tcp.update(decision.env)
+        self.ip = plain_ip(str(peer[0]))
+        try:  # as tcpserver -x: the rule decides, its variables join the environment
+            self.tcp, decision = client_env(
+                self.settings, self.ip, int(peer[1]), plain_ip(str(local[0])), int(local[1])
+            )
+        except OSError as e:
+            self.server.log(f"alert: unable to read etc/tcp.pop3.cdb: {e}; dropped {self.ip}")
+            transport.abort()
+            return
+        if decision is not None and not decision.allow:
+            self.server.log(f"tcpserver: deny {self.ip} (pop3)")
+            transport.close()
+            return
         refusal = self.server.admit(self, self.ip)
         if refusal is not None:
             transport.write(refusal)
             transport.close()
             return
         self.counted = True
-        self.tcp.update(
-            PROTO="TCP",
-            TCPREMOTEIP=self.ip,
-            TCPREMOTEPORT=str(peer[1]),
-            TCPLOCALIP=str(local[0]),
-            TCPLOCALPORT=str(local[1]),
-            TCPLOCALHOST=self.settings.hostname,
-        )
         self.popup = Popup(
-            self.settings.hostname,
+            self.settings.local,
             pid=os.getpid(),
             now=int(time.time()),
             tls_available=self.settings.tls is not None,

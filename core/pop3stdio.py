@@ -9,7 +9,6 @@ output, as qmail's programs do.
 from __future__ import annotations
 
 import os
-import select
 import sys
 import time
 from collections.abc import Iterable
@@ -18,6 +17,7 @@ from pathlib import Path
 from core.checkpassword import run_checkpassword
 from core.pop3d import ROOT_REFUSED, TIMEOUT, Lines, Pop3d
 from core.popup import Login, Popup, StartTLS
+from core.stdio import Descriptors, write_all
 
 TIMEOUT_VARIABLE = "POP3TIMEOUT"  # seconds, from serve's control/timeoutpop3
 
@@ -32,29 +32,16 @@ class _Gone(Exception):
 
 
 def _read(fd: int) -> bytes:
-    ready, _, _ = select.select([fd], [], [], _timeout())
-    if not ready:
-        raise _Gone
-    try:
-        data = os.read(fd, 65536)
-    except OSError:
-        raise _Gone from None
-    if not data:
+    data = Descriptors(fd, -1, _timeout()).recv()
+    if not data:  # the end, an error, or silence past the timeout
         raise _Gone
     return data
 
 
 def _write(fd: int, chunks: Iterable[bytes]) -> None:
     for chunk in chunks:
-        view = memoryview(chunk)
-        while view:
-            _, ready, _ = select.select([], [fd], [], _timeout())
-            if not ready:
-                raise _Gone
-            try:
-                view = view[os.write(fd, view) :]
-            except OSError:
-                raise _Gone from None
+        if not write_all(fd, chunk, _timeout()):
+            raise _Gone
 
 
 def pop3d(maildir: str, infd: int = 0, outfd: int = 1) -> int:

@@ -13,7 +13,6 @@ tcpserver; TLS runs over the same two descriptors through memory BIOs.
 from __future__ import annotations
 
 import os
-import select
 import signal
 import ssl
 import sys
@@ -25,18 +24,9 @@ from core import control
 from core.paths import QmailRoot
 from core.queue import Queue, QueueError
 from core.smtpd import Client, Close, Deliver, Policy, Session, StartTLS, server_tls
+from core.stdio import Descriptors, write_all
 
 CONTROLS_FAILED = b"421 unable to read controls (#4.3.0)\r\n"
-
-
-def _write(fd: int, data: bytes | bytearray) -> bool:
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[os.write(fd, view) :]
-        except OSError:
-            return False
-    return True
 
 
 def policy_for(root: QmailRoot) -> tuple[Policy | None, str]:
@@ -57,34 +47,11 @@ def policy_for(root: QmailRoot) -> tuple[Policy | None, str]:
     return Policy.from_config(config, tls=False), ""
 
 
-class _Plain:
-    """The client on two file descriptors, as tcpserver hands them over."""
-
-    def __init__(self, infd: int, outfd: int, timeout: int) -> None:
-        self.infd, self.outfd, self.timeout = infd, outfd, timeout
-
-    def send(self, data: bytes | bytearray) -> bool:
-        return _write(self.outfd, data)
-
-    def recv(self) -> bytes | None:
-        """What came in; b"" at the end or on an error; None after `timeout` idle."""
-        try:
-            ready, _, _ = select.select([self.infd], [], [], self.timeout)
-        except (InterruptedError, OSError):
-            return b""
-        if not ready:
-            return None
-        try:
-            return os.read(self.infd, 65536)
-        except OSError:
-            return b""
-
-
 class _Tls:
     """TLS over the same descriptors (ssl's memory BIOs: the descriptors may be
     a socket or a pair of pipes)."""
 
-    def __init__(self, plain: _Plain, context: ssl.SSLContext) -> None:
+    def __init__(self, plain: Descriptors, context: ssl.SSLContext) -> None:
         self.plain = plain
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
@@ -144,7 +111,7 @@ def serve(root: QmailRoot, env: Mapping[str, str], infd: int = 0, outfd: int = 1
     policy, why = policy_for(root)
     if policy is None:
         sys.stderr.write(f"qmailtui smtpd: {why}\n")
-        _write(outfd, CONTROLS_FAILED)
+        write_all(outfd, CONTROLS_FAILED)
         return 1
     context, trouble = server_tls(root.control_file("servercert.pem"))
     if trouble is not None:
@@ -154,7 +121,7 @@ def serve(root: QmailRoot, env: Mapping[str, str], infd: int = 0, outfd: int = 1
     session = Session(policy, Client.from_env(env))
     session.start()
     queue = Queue(root)
-    channel: _Plain | _Tls = _Plain(infd, outfd, policy.timeout)
+    channel: Descriptors | _Tls = Descriptors(infd, outfd, policy.timeout)
     while True:
         action = session.step()
         if isinstance(action, Deliver):
@@ -182,7 +149,7 @@ def serve(root: QmailRoot, env: Mapping[str, str], infd: int = 0, outfd: int = 1
             return 0 if session.quit else 1
         if isinstance(action, StartTLS):
             assert context is not None
-            assert isinstance(channel, _Plain)
+            assert isinstance(channel, Descriptors)
             channel = _Tls(channel, context)
             if not channel.handshake():
                 sys.stderr.write("qmailtui smtpd: TLS handshake failed\n")

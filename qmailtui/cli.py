@@ -290,22 +290,18 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 def cmd_events(args: argparse.Namespace) -> int:
     """Follow the running core's events, one JSON line each, until interrupted."""
     from core import protocol
-
-    root = _root(args)
+    from qmailtui.client import SocketClient
 
     async def go() -> int:
+        client = await SocketClient.connect(_root(args))
+        if client is None:
+            raise UserError("no core is running: events come from a running core")
         try:
-            reader, writer = await asyncio.open_unix_connection(
-                str(root.control_socket), limit=protocol.MAX_LINE * 64
-            )
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise UserError("no core is running: events come from a running core") from None
-        kinds = {"kinds": args.kinds} if args.kinds else {}
-        writer.write(protocol.request(1, "subscribe", kinds))
-        await writer.drain()
-        while line := await reader.readline():
-            sys.stdout.write(line.decode("utf-8", "replace"))
-            sys.stdout.flush()
+            async for item in client.events(args.kinds):  # as the socket sends them
+                sys.stdout.write(protocol.event(item["event"], item["data"]).decode())
+                sys.stdout.flush()
+        finally:
+            await client.close()
         return 0
 
     return _run(go())

@@ -36,11 +36,13 @@ class RequestFailed(UserError):
 
 
 class SocketClient:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: Path
+    ) -> None:
         self._reader = reader
         self._writer = writer
         self._next = 0
-        self._path = Path()
+        self._path = path  # for events(), which takes a connection of its own
 
     @classmethod
     async def connect(cls, root: QmailRoot) -> SocketClient | None:
@@ -55,9 +57,7 @@ class SocketClient:
                 f"{root.control_socket}: access denied (only root and the core's user may"
                 " talk to the core)"
             ) from None
-        client = cls(reader, writer)
-        client._path = root.control_socket
-        return client
+        return cls(reader, writer, root.control_socket)
 
     async def call(self, op: str, **args: Any) -> Any:
         self._next += 1
@@ -114,10 +114,7 @@ class InProcessClient:
             SUBSCRIBER_QUEUE, frozenset(kinds) if kinds else None
         )
         try:
-            while (event := await sub.get()) is not None:
-                if sub.lagged:
-                    sub.lagged = False
-                    yield {"event": "lagged", "data": {"dropped": sub.take_dropped()}}
+            async for event in sub.stream():
                 yield {"event": event.kind, "data": event.data}
         finally:
             sub.close()

@@ -193,3 +193,31 @@ def test_a_control_group_gets_a_0660_socket(root: QmailRoot) -> None:
         2,
         b"qmailtui: --smtp nonsense: expected ADDRESS:PORT (or off)\n",
     )
+
+
+def test_qmailtui_events_follows_the_core(root: QmailRoot, server: Server) -> None:
+    import subprocess
+    import sys
+
+    from tests.processes import read_line, stop
+
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "qmailtui", "--root", str(root.path), "events", "--kinds", "queued"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert follower.stdout is not None
+        line = b""
+        for _ in range(10):  # until the follower has subscribed and sees one
+            inject(root, "root@mx.example.org")
+            line = read_line(follower.stdout, 2)
+            if line:
+                break
+        event = json.loads(line)
+        assert event["event"] == "queued"
+        assert event["data"]["sender"].endswith("@mx.example.org")
+    finally:
+        stop(follower)
+        if follower.stdout is not None:
+            follower.stdout.close()
