@@ -195,7 +195,8 @@ class Pop3Connection(Connection):
             self.server.leave(self, self.ip)
         self.transport = None
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
+        data = bytes(data)  # the view is of a buffer the next read overwrites
         if self.child is not None:
             self.child.write(data)
             return

@@ -339,7 +339,7 @@ class Session:
     def start(self) -> None:
         self.out += b"220 " + self._greeting() + b" ESMTP\r\n"
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         self.buf += data
 
     def step(self) -> Action:
