@@ -138,9 +138,11 @@ class Core:
         pop3: tuple[str, int] | None = None,
         checkpassword: list[str] | None = None,
         control_group: int | None = None,
+        smtp_workers: int = 0,
     ) -> None:
         self.root = root
         self.smtp_address = smtp  # where to listen; None: no SMTP listener
+        self.smtp_workers = smtp_workers  # processes for SMTP sessions; 0: in the core
         self.resolver_address = resolver  # DNS server to ask; None: the system's
         self.remote_port = remote_port  # where a route names no port
         self.remote: Remote | None = None
@@ -377,7 +379,14 @@ class Core:
         async def enqueue(message: bytes, sender: str, recipients: list[str]) -> int:
             return await send.enqueue(message, sender, recipients, invoked="invoked from network")
 
-        self.smtp = SmtpServer(settings, enqueue, self.log.line, queue_error)
+        if self.smtp_workers > 0:
+            from core.smtpworker import SmtpWorkers
+
+            self.smtp = SmtpWorkers(
+                self.root, self.smtp_workers, settings, enqueue, self.log.line, queue_error
+            )
+        else:
+            self.smtp = SmtpServer(settings, enqueue, self.log.line, queue_error)
         host, port = self.smtp_address
         try:
             bound = await self.smtp.start(host, port)

@@ -132,6 +132,16 @@ class Listening(Generic[C]):
 
     def admit(self, connection: C, ip: str) -> bytes | None:
         """Count the connection in, or the reply that says why not."""
+        refusal = self.count_in(ip)
+        if refusal is None:
+            self._connections.add(connection)
+        return refusal
+
+    def leave(self, connection: C, ip: str) -> None:
+        self._connections.discard(connection)
+        self.count_out(ip)
+
+    def count_in(self, ip: str) -> bytes | None:
         limits = self.limits()
         if self.sessions >= limits.connections:
             return self.too_many
@@ -139,11 +149,9 @@ class Listening(Generic[C]):
             return self.too_many_from_you
         self.sessions += 1
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
-        self._connections.add(connection)
         return None
 
-    def leave(self, connection: C, ip: str) -> None:
-        self._connections.discard(connection)
+    def count_out(self, ip: str) -> None:
         self.sessions -= 1
         left = self.per_ip[ip] - 1
         if left:
@@ -171,6 +179,35 @@ class SmtpServer(Listening["SmtpConnection"]):
 
     def connection(self) -> SmtpConnection:
         return SmtpConnection(self)
+
+    def screen(
+        self,
+        owner: SmtpConnection | None,
+        ip: str,
+        peer: Any,
+        sock: Any,
+        host: str | None,
+        rules: Rules | None,
+    ) -> tuple[dict[str, str] | None, bytes]:
+        """tcpserver's part for a new connection: its environment, admitted and
+        counted against the limits (as `owner`'s, when it is in this process); or
+        None and the reply that refuses it (b"": close without a word, as for a
+        deny rule or unreadable rules)."""
+        try:
+            env, decision = client_env(
+                self.settings, ip, int(peer[1]), plain_ip(str(sock[0])), int(sock[1]), host, rules
+            )
+        except (RulesError, OSError) as e:
+            self.log(f"alert: unable to read etc/tcp.smtp.cdb: {e}; dropped {ip}")
+            return None, b""
+        if decision is not None and not decision.allow:
+            self.log(f"tcpserver: deny {ip} by rule {decision.key!r}")
+            return None, b""
+        refusal = self.count_in(ip) if owner is None else self.admit(owner, ip)
+        if refusal is not None:
+            self.log(f"tcpserver: {refusal[4:-2].decode()}: {ip}")
+            return None, refusal
+        return env, b""
 
 
 class Listens(Protocol):
@@ -265,29 +302,18 @@ class SmtpConnection(Connection):
     def _open(self, peer: Any, sock: Any, host: str | None, rules: Rules | None) -> None:
         transport = self.transport
         assert transport is not None
-        try:
-            env, decision = client_env(
-                self.settings,
-                self.ip,
-                int(peer[1]),
-                plain_ip(str(sock[0])),
-                int(sock[1]),
-                host,
-                rules,
-            )
-        except (RulesError, OSError) as e:
-            self._unreadable(e)
+        env, refusal = self.server.screen(self, self.ip, peer, sock, host, rules)
+        if env is None:
+            if refusal:
+                transport.write(refusal)
+                transport.close()
+            else:
+                transport.abort()
             return
-        if decision is not None and not decision.allow:
-            self.server.log(f"tcpserver: deny {self.ip} by rule {decision.key!r}")
-            transport.abort()
-            return
-        refusal = self.server.admit(self, self.ip)
-        if refusal is not None:
-            self.server.log(f"tcpserver: {refusal[4:-2].decode()}: {self.ip}")
-            transport.write(refusal)
-            transport.close()
-            return
+        self.begin(env)
+
+    def begin(self, env: dict[str, str]) -> None:
+        """The client is admitted (counted against the limits): greet it."""
         self.counted = True
         policy = self.settings.policy
         if self.settings.tls is None and policy.tls:

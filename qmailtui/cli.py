@@ -103,6 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pop3=pop3,
         checkpassword=checker,
         control_group=group,
+        smtp_workers=args.smtp_workers,
     )
     _run_core(core)
     return 0
@@ -120,6 +121,12 @@ def _group(name: str) -> int:
 def _port(text: str) -> int:
     if not text.isdigit() or not 0 < int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"not a port number: {text!r}")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) > 64:
+        raise argparse.ArgumentTypeError(f"not a number from 0 to 64: {text!r}")
     return int(text)
 
 
@@ -554,6 +561,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--control-group",
         metavar="GROUP",
         help="this group may use the control socket too (mode 0660; default: 0600)",
+    )
+    p.add_argument(
+        "--smtp-workers",
+        type=_count,
+        default=1 if (os.cpu_count() or 1) > 1 else 0,
+        metavar="N",
+        help="run SMTP sessions in N worker processes, 0: in the core"
+        " (default: 1 with more than one CPU, else 0)",
     )
     p.add_argument(
         "--remote-port",

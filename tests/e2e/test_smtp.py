@@ -100,14 +100,23 @@ class Mta:
 
 
 @contextlib.contextmanager
-def serving(root: QmailRoot, *, listens: bool = True, resolver: str | None = None) -> Iterator[Mta]:
+def serving(
+    root: QmailRoot,
+    *,
+    listens: bool = True,
+    resolver: str | None = None,
+    workers: int | None = None,
+) -> Iterator[Mta]:
     """`qmailtui --root ROOT serve --smtp 127.0.0.1:0 --pop3 off` for the block;
-    `listens=False`: its ready line must say `smtp=off`. Unless a test routes
-    them itself, remote deliveries go to 127.0.0.1:1 and defer at once: a
-    relayed message stays queued, and no test asks the world's DNS."""
+    `listens=False`: its ready line must say `smtp=off`; `workers`: its
+    --smtp-workers (None: serve's default). Unless a test routes them itself,
+    remote deliveries go to 127.0.0.1:1 and defer at once: a relayed message
+    stays queued, and no test asks the world's DNS."""
     no_world(root)
     errors = root.path.parent / "serve.stderr"
     extra = ["--resolver", resolver] if resolver else []
+    if workers is not None:
+        extra += ["--smtp-workers", str(workers)]
     with open(errors, "ab") as err:
         proc = subprocess.Popen(
             [
@@ -141,9 +150,10 @@ def serving(root: QmailRoot, *, listens: bool = True, resolver: str | None = Non
                 proc.stdout.close()
 
 
-@pytest.fixture
-def mta(root: QmailRoot) -> Iterator[Mta]:
-    with serving(root) as running:
+@pytest.fixture(params=[0, 2], ids=["in-core", "2-workers"])
+def mta(root: QmailRoot, request: pytest.FixtureRequest) -> Iterator[Mta]:
+    """Sessions in the core, and in two worker processes: the same replies."""
+    with serving(root, workers=request.param) as running:
         yield running
 
 
@@ -905,7 +915,100 @@ def test_term_says_421_to_an_idle_client_exits_0_and_keeps_the_accepted_message(
     assert len(in_queue) + len(in_maildir) == 1, (in_queue, in_maildir)
 
 
-# -- 9. qmailtui smtpd under tcpserver -----------------------------------------
+# -- 9. sessions in worker processes ---------------------------------------------
+
+
+def smtp_workers(serve_pid: int) -> list[int]:
+    """The pids of a core's SMTP worker processes."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_bytes()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(b")", 1)[1].split()[1])
+        if ppid == serve_pid and b"core.smtpworker" in cmdline:
+            found.append(int(entry))
+    return sorted(found)
+
+
+def test_the_connection_limits_count_across_workers(root: QmailRoot) -> None:
+    """The core counts every worker's clients: tcpserver's -c is one number."""
+    root.control_file("concurrencyincoming").write_text("3\n")
+    with serving(root, workers=2) as running:
+        assert len(smtp_workers(running.proc.pid)) == 2
+        with greeted(running.port) as first, greeted(running.port), greeted(running.port):
+            with Raw(running.port) as fourth:
+                assert fourth.reply() == b"421 too many connections, try again later (#4.3.2)\r\n"
+                fourth.assert_closed()
+            assert first.talk(b"QUIT") == b"221 mx.example.org\r\n"
+            first.assert_closed()
+
+            def admitted() -> bool:
+                with Raw(running.port) as again:
+                    return again.reply().startswith(b"220 ")
+
+            wait_until(admitted, WAIT, "a new connection once one closed")
+
+
+def test_a_worker_that_dies_is_replaced_and_its_clients_are_counted_out(
+    root: QmailRoot,
+) -> None:
+    root.control_file("concurrencyincoming").write_text("1\n")
+    with serving(root, workers=1) as running:
+        [worker] = smtp_workers(running.proc.pid)
+        with greeted(running.port) as client:
+            envelope(client)
+            client.send(b"Subject: half\r\n\r\nnever finished\r\n")
+            os.kill(worker, signal.SIGKILL)
+            client.assert_closed()
+        running.wait_log(f"alert: SMTP worker {worker} exited with status -9; starting another")
+        wait_until(lambda: len(smtp_workers(running.proc.pid)) == 1, WAIT, "a new worker started")
+        with smtp(running.port) as again:  # the limit of 1 is free again
+            again.sendmail(SENDER, [POSTMASTER], b"Subject: after\r\n\r\nqueued\r\n")
+        bodies = delivered(root, 1)
+        assert b"\nqueued\n" in bodies[0]
+        assert not any(b"never finished" in b for b in bodies)
+
+
+def test_term_to_the_whole_process_group_still_says_421_and_keeps_the_message(
+    root: QmailRoot,
+) -> None:
+    """A supervisor (systemd's control-group kill, a Ctrl-C) signals every
+    process: the workers leave the stopping to the core, so their clients get
+    the core's 421 instead of a dropped connection."""
+    with serving(root, workers=2) as running:
+        workers = smtp_workers(running.proc.pid)
+        assert len(workers) == 2
+        with greeted(running.port) as sent, greeted(running.port) as idle:
+            envelope(sent)
+            assert sent.talk(b"Subject: before term\r\n\r\nkept\r\n.").startswith(b"250 ok ")
+            os.killpg(running.proc.pid, signal.SIGTERM)
+            for client in (sent, idle):
+                assert client.reply() == b"421 mx.example.org closing connection\r\n"
+                client.assert_closed()
+        assert running.proc.wait(20) == 0
+    wait_until(
+        lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), WAIT, "workers gone"
+    )
+    in_queue = [m for m in queue_list(root) if m["sender"] == SENDER]
+    in_maildir = [m for m in maildir_files(alias_maildir(root)) if b"\nkept\n" in m.read_bytes()]
+    assert len(in_queue) + len(in_maildir) == 1, (in_queue, in_maildir)
+
+
+def test_hup_reaches_the_workers(root: QmailRoot) -> None:
+    with serving(root, workers=2) as running:
+        root.control_file("smtpgreeting").write_text("changed.example greets you\n")
+        running.flushed()  # HUP, and the core has reloaded
+        for _ in range(4):  # connections go to both workers
+            with Raw(running.port) as client:
+                assert client.reply() == b"220 changed.example greets you ESMTP\r\n"
+
+
+# -- 10. qmailtui smtpd under tcpserver -----------------------------------------
 
 
 def qmailtui_command() -> list[str]:
@@ -1052,7 +1155,7 @@ def test_smtpd_times_out_an_idle_client_with_451_and_exits_1(root: QmailRoot) ->
                     pipe.close()
 
 
-# -- 10. qmailtui smtpcheck ----------------------------------------------------
+# -- 11. qmailtui smtpcheck ----------------------------------------------------
 
 
 @pytest.fixture(params=[False, True], ids=["no-core", "core"])

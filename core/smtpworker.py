@@ -1,0 +1,528 @@
+"""SMTP sessions in worker processes, so that the receiver uses every CPU.
+
+The core stays tcpserver: it accepts each connection, applies the tcp rules
+and the connection limits (so `concurrencyincoming` and `concurrencyperip`
+count across all workers), and then passes the socket to a worker over a
+SOCK_SEQPACKET pair (SCM_RIGHTS) with the rule's environment. The worker
+runs qmail-smtpd's session (core/smtpd.py through the listener's
+SmtpConnection, byte for byte the in-process one, STARTTLS included) and
+hands each message back to the core, which queues it with the same group
+commit as every other message and answers with its id; the worker's 250
+waits for that answer. Workers never open the queue: one process writes
+it, and one syncfs makes many workers' messages durable at once.
+
+Everything else between the two travels on a SOCK_STREAM pair as frames, a
+4-byte length, a kind byte and the payload:
+
+    worker -> core  Q {"q": n, "sender": s, "rcpts": [...]}\\n<message>
+                    C {"cid": n}                 a connection has ended
+                    L text                       a line for the log
+    core -> worker  R {"q": n, "id": 123} | {"q": n, "error": "Ztext"}
+                    H                            re-read the control files
+                    S                            stop: 421 to idle clients, finish, exit
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from core import control
+from core.listener import Settings, SmtpConnection, SmtpServer, plain_ip, settings_for
+from core.paths import QmailRoot
+
+FRAME = struct.Struct("!IB")
+FRAME_MAX = 1 << 31  # a message is bounded by databytes, which the worker enforces
+META_MAX = 65536
+STOP_GRACE = 5.0  # a worker told to stop waits this long for clients mid-message
+PROJECT = str(Path(__file__).resolve().parent.parent)
+
+
+class Channel(asyncio.BufferedProtocol):
+    """Frames over a stream socket, both ways."""
+
+    def __init__(self, on_frame: Callable[[bytes, bytes], None], on_lost: Callable[[], None]):
+        self.on_frame = on_frame
+        self.on_lost = on_lost
+        self.transport: asyncio.Transport | None = None
+        self._inbox = bytearray(1 << 16)
+        self._pending = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(self._inbox)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        pending = self._pending
+        pending += memoryview(self._inbox)[:nbytes]
+        start = 0
+        while len(pending) - start >= FRAME.size:
+            length, kind = FRAME.unpack_from(pending, start)
+            end = start + FRAME.size + length
+            if len(pending) < end:
+                break
+            payload = bytes(pending[start + FRAME.size : end])
+            start = end
+            self.on_frame(bytes((kind,)), payload)
+        del pending[:start]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.on_lost()
+
+    def send(self, kind: bytes, *parts: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        length = sum(len(p) for p in parts)
+        self.transport.writelines([FRAME.pack(length, kind[0]), *parts])
+
+
+# -- the core's side -------------------------------------------------------------------
+
+
+class _Handed:
+    """A connection given to a worker, as the limits count it."""
+
+    __slots__ = ("cid", "ip")
+
+    def __init__(self, cid: int, ip: str) -> None:
+        self.cid = cid
+        self.ip = ip
+
+
+class _Worker:
+    def __init__(self, proc: asyncio.subprocess.Process, handoff: socket.socket) -> None:
+        self.proc = proc
+        self.handoff = handoff
+        self.channel: Channel | None = None
+        self.connections: dict[int, _Handed] = {}
+        self.alive = True
+
+
+class SmtpWorkers(SmtpServer):
+    """The listener with its sessions in `count` worker processes."""
+
+    def __init__(self, root: QmailRoot, count: int, *args: Any, **kwargs: Any) -> None:
+        self.root = root
+        self.count = count
+        self.workers: list[_Worker] = []
+        self._listen: socket.socket | None = None
+        self._cids = itertools.count(1)
+        self._closing = False
+        self._tasks: set[asyncio.Future[Any]] = set()
+        super().__init__(*args, **kwargs)
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: Settings) -> None:
+        """A reload: new connections are screened with the new rules and limits,
+        and each worker re-reads the control files for the sessions it runs."""
+        self._settings = settings
+        for worker in getattr(self, "workers", ()):
+            if worker.channel is not None:
+                worker.channel.send(b"H")
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listen = socket.create_server((host, port), family=family, backlog=self.backlog)
+        listen.setblocking(False)
+        try:
+            for _ in range(self.count):
+                self.workers.append(await self._spawn())
+        except BaseException:
+            listen.close()
+            raise
+        self._listen = listen
+        asyncio.get_running_loop().add_reader(listen.fileno(), self._accept)
+        name = listen.getsockname()
+        return str(name[0]), int(name[1])
+
+    async def _spawn(self) -> _Worker:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        stream, their_stream = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "core.smtpworker",
+                str(self.root.path),
+                str(theirs.fileno()),
+                str(their_stream.fileno()),
+                stdin=asyncio.subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(), their_stream.fileno()),
+                cwd=PROJECT,
+            )
+        finally:
+            theirs.close()
+            their_stream.close()
+        ours.setblocking(False)
+        worker = _Worker(proc, ours)
+        _, channel = await loop.create_unix_connection(
+            lambda: Channel(
+                lambda kind, payload: self._frame(worker, kind, payload),
+                lambda: self._lost(worker),
+            ),
+            sock=stream,
+        )
+        worker.channel = channel
+        return worker
+
+    def _accept(self) -> None:
+        assert self._listen is not None
+        for _ in range(self.backlog):
+            try:
+                conn, peer = self._listen.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and the like: tcpserver carries on too
+                self.log(f"alert: unable to accept an SMTP connection: {e.strerror}")
+                return
+            self._admit_new(conn, peer)
+
+    def _admit_new(self, conn: socket.socket, peer: Any) -> None:
+        ip = plain_ip(str(peer[0]))
+        rules_file, rules = self.settings.rules, None
+        if rules_file is not None:
+            try:
+                rules = rules_file.current()
+            except OSError as e:
+                self.log(f"alert: unable to read etc/tcp.smtp.cdb: {e}; dropped {ip}")
+                conn.close()
+                return
+            if self.settings.resolver is not None and rules_file.names_hosts:
+                task = asyncio.ensure_future(self._named(conn, peer, ip, rules))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                return
+        self._hand(conn, peer, ip, None, rules)
+
+    async def _named(self, conn: socket.socket, peer: Any, ip: str, rules: Any) -> None:
+        from core.rdns import remote_host
+
+        try:
+            host = await remote_host(ip, self.settings.resolver)
+        except BaseException:
+            conn.close()
+            raise
+        self._hand(conn, peer, ip, host, rules)
+
+    def _hand(self, conn: socket.socket, peer: Any, ip: str, host: str | None, rules: Any) -> None:
+        try:
+            sockname = conn.getsockname()
+            handed = _Handed(next(self._cids), ip)
+            env, refusal = self.screen(None, ip, peer, sockname, host, rules)
+            if env is None:
+                if refusal:
+                    conn.setblocking(False)
+                    with contextlib.suppress(OSError):
+                        conn.send(refusal)
+                return
+            worker = self._pick()
+            if worker is None:
+                self.count_out(ip)
+                return
+            meta = json.dumps({"cid": handed.cid, "ip": ip, "env": env}).encode()
+            fds = array.array("i", [conn.fileno()])
+            try:
+                worker.handoff.sendmsg([meta], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            except OSError as e:
+                self.log(f"alert: unable to pass a connection to an SMTP worker: {e.strerror}")
+                self.count_out(ip)
+                return
+            worker.connections[handed.cid] = handed
+        except OSError:
+            pass  # the client went away while we looked at it
+        finally:
+            conn.close()  # the worker has its own descriptor now
+
+    def _pick(self) -> _Worker | None:
+        alive = [w for w in self.workers if w.alive and w.channel is not None]
+        return min(alive, key=lambda w: len(w.connections), default=None)
+
+    def _frame(self, worker: _Worker, kind: bytes, payload: bytes) -> None:
+        if kind == b"Q":
+            task = asyncio.ensure_future(self._enqueue(worker, payload))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif kind == b"C":
+            handed = worker.connections.pop(int(json.loads(payload)["cid"]), None)
+            if handed is not None:
+                self.count_out(handed.ip)
+        elif kind == b"L":
+            self.log(payload.decode("utf-8", "surrogateescape"))
+
+    async def _enqueue(self, worker: _Worker, payload: bytes) -> None:
+        head, _, message = payload.partition(b"\n")
+        request = json.loads(head)
+        reply: dict[str, Any] = {"q": request["q"]}
+        try:
+            reply["id"] = await self.enqueue(message, request["sender"], request["rcpts"])
+        except Exception as e:  # a failure to queue is a 451 (or 554), never a lost message
+            reply["error"] = self.queue_error(e)
+        if worker.channel is not None:
+            worker.channel.send(b"R", json.dumps(reply).encode())
+
+    def _lost(self, worker: _Worker) -> None:
+        """A worker is gone: its clients are cut off (none was told 250 for a
+        message not queued); count them out and start another worker."""
+        worker.alive = False
+        worker.channel = None
+        worker.handoff.close()
+        for handed in worker.connections.values():
+            self.count_out(handed.ip)
+        worker.connections.clear()
+        task = asyncio.ensure_future(self._replace(worker))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _replace(self, worker: _Worker) -> None:
+        status = await worker.proc.wait()
+        if self._closing:
+            return
+        pid = worker.proc.pid
+        self.log(f"alert: SMTP worker {pid} exited with status {status}; starting another")
+        with contextlib.suppress(ValueError):
+            self.workers.remove(worker)
+        try:
+            self.workers.append(await self._spawn())
+        except OSError as e:
+            self.log(f"alert: unable to start an SMTP worker: {e.strerror or e}")
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._listen is not None:
+            asyncio.get_running_loop().remove_reader(self._listen.fileno())
+            self._listen.close()
+            self._listen = None
+        for worker in self.workers:
+            if worker.channel is not None:
+                worker.channel.send(b"S")
+        for worker in self.workers:
+            try:
+                await asyncio.wait_for(worker.proc.wait(), STOP_GRACE + 5)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.proc.kill()
+                await worker.proc.wait()
+        for task in list(self._tasks):
+            if not task.done():
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(task, 5)
+
+
+# -- the worker's side -----------------------------------------------------------------
+
+
+class Refused(Exception):
+    """The core's answer to a message it could not queue: qmail-queue's text."""
+
+
+class _HandedConnection(SmtpConnection):
+    def __init__(self, server: WorkerServer, cid: int, ip: str, env: dict[str, str]) -> None:
+        super().__init__(server)
+        self.cid = cid
+        self.ip = ip
+        self.env = env
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.server.admit(self, self.ip)  # counted already, by the core
+        self.begin(self.env)
+
+
+class WorkerServer(SmtpServer):
+    def __init__(self, root: QmailRoot, handoff: socket.socket) -> None:
+        self.root = root
+        self.handoff = handoff
+        self.channel: Channel | None = None
+        self._waiting: dict[int, asyncio.Future[int]] = {}
+        self._q = itertools.count(1)
+        self._tasks: set[asyncio.Future[None]] = set()
+        self.stopping = False
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        settings = self._load()
+        super().__init__(settings, self._enqueue, self._log, _refusal_text)
+
+    def _load(self) -> Settings:
+        # The core has said whatever there is to say about these files.
+        settings = settings_for(self.root, control.load(self.root), lambda _: None, False)
+        if settings is None:  # rcpthosts vanished: the core will stop handing us clients
+            raise SystemExit(0)
+        return settings
+
+    def admit(self, connection: SmtpConnection, ip: str) -> bytes | None:
+        self._connections.add(connection)  # the core has counted it
+        return None
+
+    def leave(self, connection: SmtpConnection, ip: str) -> None:
+        self._connections.discard(connection)
+        if self.channel is not None and isinstance(connection, _HandedConnection):
+            self.channel.send(b"C", json.dumps({"cid": connection.cid}).encode())
+        if self.stopping and not self._connections and not self.done.done():
+            self.done.set_result(None)
+
+    def _log(self, text: str) -> None:
+        if self.channel is not None:
+            self.channel.send(b"L", text.encode("utf-8", "surrogateescape"))
+
+    async def _enqueue(self, message: bytes, sender: str, recipients: list[str]) -> int:
+        assert self.channel is not None
+        q = next(self._q)
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting[q] = future
+        head = json.dumps({"q": q, "sender": sender, "rcpts": recipients}).encode()
+        self.channel.send(b"Q", head, b"\n", message)
+        return await future
+
+    def frame(self, kind: bytes, payload: bytes) -> None:
+        if kind == b"R":
+            reply = json.loads(payload)
+            future = self._waiting.pop(int(reply["q"]), None)
+            if future is not None and not future.done():
+                if "error" in reply:
+                    future.set_exception(Refused(str(reply["error"])))
+                else:
+                    future.set_result(int(reply["id"]))
+        elif kind == b"H":
+            with contextlib.suppress(Exception):  # keep the old settings on trouble
+                self.settings = self._load()
+        elif kind == b"S":
+            self.stop()
+
+    def stop(self) -> None:
+        """As the in-process listener stops: idle clients get a 421 at once, a
+        client mid-message has STOP_GRACE seconds to finish."""
+        self.stopping = True
+        for connection in list(self._connections):
+            connection.shutdown()
+        if not self._connections and not self.done.done():
+            self.done.set_result(None)
+        asyncio.get_running_loop().call_later(STOP_GRACE, self._cut_off)
+
+    def _cut_off(self) -> None:
+        for connection in list(self._connections):
+            if connection.transport is not None:
+                connection.transport.abort()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def lost(self) -> None:
+        """The core is gone: nothing more can be queued."""
+        self.channel = None
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(Refused("Zqq temporary problem (#4.3.0)"))
+        self._waiting.clear()
+        for connection in list(self._connections):
+            if connection.transport is not None:
+                connection.transport.abort()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def take(self) -> None:
+        """Connections the core hands over: each a descriptor and its environment."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                meta, ancillary, _, _ = self.handoff.recvmsg(META_MAX, socket.CMSG_SPACE(4))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                meta, ancillary = b"", []
+            fds = _descriptors(ancillary)
+            if not meta:
+                for fd in fds:
+                    os.close(fd)
+                loop.remove_reader(self.handoff.fileno())
+                self.lost()
+                return
+            if len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            request = json.loads(meta)
+            sock = socket.socket(fileno=fds[0])
+            if self.stopping:
+                sock.close()
+                continue
+            connection = _HandedConnection(
+                self, int(request["cid"]), str(request["ip"]), dict(request["env"])
+            )
+            task = asyncio.ensure_future(self._attach(connection, sock))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _attach(self, connection: _HandedConnection, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(lambda: connection, sock)
+        except OSError:  # gone already: the core must count it out all the same
+            sock.close()
+            if connection.transport is None:
+                connection.counted = True
+                self.leave(connection, connection.ip)
+
+
+def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds.extend(array.array("i", data[:usable]))
+    return fds
+
+
+def _refusal_text(e: BaseException) -> str:
+    if isinstance(e, Refused):
+        return str(e)
+    return "Zqq temporary problem (#4.3.0)"
+
+
+async def _work(root: QmailRoot, handoff: socket.socket, stream: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    server = WorkerServer(root, handoff)
+    _, channel = await loop.create_unix_connection(
+        lambda: Channel(server.frame, server.lost), sock=stream
+    )
+    server.channel = channel
+    handoff.setblocking(False)
+    loop.add_reader(handoff.fileno(), server.take)
+    await server.done
+
+
+def main() -> int:
+    root = QmailRoot(sys.argv[1])
+    handoff = socket.socket(fileno=int(sys.argv[2]))
+    stream = socket.socket(fileno=int(sys.argv[3]))
+    os.umask(0o077)
+    # The core decides when we stop (S, or its end of the stream closing): a
+    # Ctrl-C or a TERM sent to the whole process group must not cut clients off
+    # mid-message before the core has told them 421.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_work(root, handoff, stream))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
