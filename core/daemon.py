@@ -29,7 +29,7 @@ from core.log import Log
 from core.lspawn import Deliverer, LocalSpawner
 from core.paths import QmailRoot
 from core.queue import Queue, QueueError
-from core.send import Send
+from core.send import Send, Written
 from core.service import Service
 
 if TYPE_CHECKING:
@@ -382,8 +382,20 @@ class Core:
         if self.smtp_workers > 0:
             from core.smtpworker import SmtpWorkers
 
+            def enqueue_then(
+                message: bytes, sender: str, recipients: list[str], done: Written
+            ) -> None:
+                invoked = "invoked from network"
+                send.enqueue_then(message, sender, recipients, invoked=invoked, done=done)
+
             self.smtp = SmtpWorkers(
-                self.root, self.smtp_workers, settings, enqueue, self.log.line, queue_error
+                self.root,
+                self.smtp_workers,
+                enqueue_then,
+                settings,
+                enqueue,
+                self.log.line,
+                queue_error,
             )
         else:
             self.smtp = SmtpServer(settings, enqueue, self.log.line, queue_error)

@@ -159,27 +159,31 @@ async def _no_remote(recipients: list[str], sender: str, msgid: int, now: float)
     return [Result("Z", text) for _ in recipients]
 
 
-async def write_steps(
-    steps: Generator[tuple[list[StrPath], list[StrPath]], None, int], syncer: LoopGroupCommit
-) -> int:
-    """Run queue-writing steps on the event loop, waiting for the group commit
-    at each sync point (file operations take microseconds; a hop to a worker
-    thread and back cost more). Errors come out as from the queue itself."""
-    try:
-        files, dirs = next(steps)
-        while True:
-            try:
-                await syncer.sync(files, dirs)
-            except OSError as e:
-                files, dirs = steps.throw(e)
-            except BaseException:  # cancelled: undo what was written, then go
-                with contextlib.suppress(QueueError, OSError, StopIteration):
-                    steps.throw(QueueError("qq write error or disk full (#4.3.0)"))
-                raise
-            else:
-                files, dirs = steps.send(None)
-    except StopIteration as done:
-        return int(done.value)
+Written = Callable[[int | None, BaseException | None], None]
+
+
+def write_steps(
+    steps: Generator[tuple[list[StrPath], list[StrPath]], None, int],
+    syncer: LoopGroupCommit,
+    done: Written,
+) -> None:
+    """Run queue-writing steps on the event loop, going on at each sync point
+    when the group commit calls back (file operations take microseconds; a hop
+    to a worker thread and back cost more, and so does a task woken through a
+    future: a loop iteration per sync). `done(msgid, None)` at the end, or
+    `done(None, error)` with the queue's error, everything undone."""
+
+    def advance(error: OSError | None) -> None:
+        try:
+            files, dirs = steps.send(None) if error is None else steps.throw(error)
+        except StopIteration as stop:
+            done(int(stop.value), None)
+        except Exception as e:
+            done(None, e)
+        else:
+            syncer.then(files, dirs, advance)
+
+    advance(None)
 
 
 class Send:
@@ -474,6 +478,58 @@ class Send:
         The core preprocesses what it queues itself as it writes it, so such a
         message never waits in todo/.
         """
+        if self.syncer is None:  # no core running: the writes and syncs in a thread
+            steps, adopt = self._routed(message, sender, recipients, invoked)
+            msgid = await self.io(self.queue.run_steps, steps)
+            adopt(msgid)
+            return msgid
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def written(msgid: int | None, error: BaseException | None) -> None:
+            if future.done():
+                return
+            if error is None:
+                assert msgid is not None
+                future.set_result(msgid)
+            else:
+                future.set_exception(error)
+
+        self.enqueue_then(message, sender, recipients, invoked=invoked, done=written)
+        return await future
+
+    def enqueue_then(
+        self,
+        message: bytes,
+        sender: str,
+        recipients: list[str],
+        *,
+        invoked: str,
+        done: Written,
+    ) -> None:
+        """enqueue for the running core, calling `done(msgid, error)` back instead
+        of returning: no task, and no loop iteration lost per sync point."""
+        assert self.syncer is not None
+        try:
+            steps, adopt = self._routed(message, sender, recipients, invoked)
+        except Exception as e:
+            done(None, e)
+            return
+
+        def written(msgid: int | None, error: BaseException | None) -> None:
+            if msgid is not None:
+                try:
+                    adopt(msgid)
+                except Exception:  # our bug; the message is queued all the same
+                    done(msgid, None)
+                    raise
+            done(msgid, error)
+
+        write_steps(steps, self.syncer, written)
+
+    def _routed(
+        self, message: bytes, sender: str, recipients: list[str], invoked: str
+    ) -> tuple[Generator[tuple[list[StrPath], list[StrPath]], None, int], Callable[[int], None]]:
+        """The queue's writing steps for a message, and what schedules it after."""
         now = self.clock.now()
         config = self.config()
         split: dict[str, list[str]] = {c: [] for c in CHANNELS}
@@ -492,14 +548,13 @@ class Send:
             now=now,
             qp_is_id=True,
         )
-        if self.syncer is not None:  # the running core: writes here, the sync awaited
-            msgid = await write_steps(steps, self.syncer)
-        else:
-            msgid = await self.io(self.queue.run_steps, steps)
-        size = self.queue.message_size(msgid)
-        # qp: qmail logs qmail-queue's pid, the number its 250 gives; ours gives the id
-        self.adopt(msgid, sender, now, size, uid, split["local"], split["remote"])
-        return msgid
+
+        def adopt(msgid: int) -> None:
+            size = self.queue.message_size(msgid)
+            # qp: qmail logs qmail-queue's pid, the number its 250 gives; ours gives the id
+            self.adopt(msgid, sender, now, size, uid, split["local"], split["remote"])
+
+        return steps, adopt
 
     def adopt(
         self,

@@ -113,12 +113,19 @@ class _Worker:
         self.alive = True
 
 
+Written = Callable[[int | None, BaseException | None], None]
+EnqueueThen = Callable[[bytes, str, list[str], Written], None]
+
+
 class SmtpWorkers(SmtpServer):
     """The listener with its sessions in `count` worker processes."""
 
-    def __init__(self, root: QmailRoot, count: int, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, root: QmailRoot, count: int, enqueue_then: EnqueueThen, *args: Any, **kwargs: Any
+    ) -> None:
         self.root = root
         self.count = count
+        self.enqueue_then = enqueue_then
         self.workers: list[_Worker] = []
         self._listen: socket.socket | None = None
         self._cids = itertools.count(1)
@@ -259,9 +266,7 @@ class SmtpWorkers(SmtpServer):
 
     def _frame(self, worker: _Worker, kind: bytes, payload: bytes) -> None:
         if kind == b"Q":
-            task = asyncio.ensure_future(self._enqueue(worker, payload))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._enqueue(worker, payload)
         elif kind == b"C":
             handed = worker.connections.pop(int(json.loads(payload)["cid"]), None)
             if handed is not None:
@@ -269,16 +274,20 @@ class SmtpWorkers(SmtpServer):
         elif kind == b"L":
             self.log(payload.decode("utf-8", "surrogateescape"))
 
-    async def _enqueue(self, worker: _Worker, payload: bytes) -> None:
+    def _enqueue(self, worker: _Worker, payload: bytes) -> None:
         head, _, message = payload.partition(b"\n")
         request = json.loads(head)
-        reply: dict[str, Any] = {"q": request["q"]}
-        try:
-            reply["id"] = await self.enqueue(message, request["sender"], request["rcpts"])
-        except Exception as e:  # a failure to queue is a 451 (or 554), never a lost message
-            reply["error"] = self.queue_error(e)
-        if worker.channel is not None:
-            worker.channel.send(b"R", json.dumps(reply).encode())
+
+        def written(msgid: int | None, error: BaseException | None) -> None:
+            reply: dict[str, Any] = {"q": request["q"]}
+            if error is None:
+                reply["id"] = msgid
+            else:  # a failure to queue is a 451 (or 554), never a lost message
+                reply["error"] = self.queue_error(error)
+            if worker.channel is not None:
+                worker.channel.send(b"R", json.dumps(reply).encode())
+
+        self.enqueue_then(message, request["sender"], request["rcpts"], written)
 
     def _lost(self, worker: _Worker) -> None:
         """A worker is gone: its clients are cut off (none was told 250 for a
