@@ -2,6 +2,7 @@
 
     python bench/smtp_ingest.py [--messages 2000] [--sessions 10] [--size 5000]
                                 [--rounds 3] [--reuse] [--client smtp-source|asyncio]
+                                [--smtp-workers N [N ...]]
 
 Sends the same load to both servers, alternating round by round (ours, Postfix,
 then Postfix, ours, ...: these machines drift, so servers are compared only
@@ -33,6 +34,9 @@ Ours: `qmailtui init` on a fresh root, a user `user` (nobody, when run as root)
 with a Maildir, `qmailtui serve --smtp 127.0.0.1:0 --pop3 off`, stopped with
 SIGTERM at the end. The root goes under a new top-level directory, as
 bench/throughput.py explains (ext4 inode allocation), and is removed afterwards.
+With --smtp-workers 0 1 2, one such core for each value, each on its own root,
+all started at once and measured in turn with the others idle: what the SMTP
+worker processes buy, inside one run.
 
 Postfix: the peer of ../shared/bench/postfix-peer.sh on 127.0.0.1:2526 (the
 script installs it with apt if needed; needs root), delivering to
@@ -149,7 +153,10 @@ def _count_new(maildir: Path) -> int:
 class Ours(Server):
     name = "ours"
 
-    def __init__(self, top: Path) -> None:
+    def __init__(self, top: Path, workers: int | None = None) -> None:
+        self.workers = workers  # serve --smtp-workers; None: serve's default
+        if workers is not None:
+            self.name = f"ours w={workers}"
         self.base = Path(tempfile.mkdtemp(prefix="qmailtui-bench-", dir=top))
         self.root = self.base / "qmail"
         self.maildir = self.base / "home" / "Maildir"
@@ -184,6 +191,8 @@ class Ours(Server):
         env = dict(os.environ, PYTHONPATH=str(REPO))
         cmd = [sys.executable, "-m", "qmailtui", "--root", str(self.root), "serve", "--quiet"]
         cmd += ["--smtp", "127.0.0.1:0", "--pop3", "off"]
+        if self.workers is not None:
+            cmd += ["--smtp-workers", str(self.workers)]
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env)
         self.pid = self.proc.pid
@@ -627,10 +636,10 @@ def _f(x: float | None, fmt: str = "%.0f") -> str:
 
 def report(rnd: int, name: str, r: Result | str) -> None:
     if isinstance(r, str):
-        print(f"round {rnd} {name:<8} FAILED: {r}", flush=True)
+        print(f"round {rnd} {name:<9} FAILED: {r}", flush=True)
         return
     print(
-        f"round {rnd} {name:<8} {r.rate:6.0f} msgs/s accepted;"
+        f"round {rnd} {name:<9} {r.rate:6.0f} msgs/s accepted;"
         f" server CPU {r.cpu_ms:.2f} ms/msg accepting,"
         f" {_f(r.cpu_all_ms, '%.2f')} with delivery;"
         f" in Maildir at {_f(r.e2e_rate)} msgs/s;"
@@ -671,17 +680,20 @@ def summarise(columns: list[Column], args: argparse.Namespace) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    if len(columns) == 2 and columns[0].results and columns[1].results:
-        ours, theirs = columns
+    theirs = [c for c in columns if not isinstance(c.server, Ours) and c.results]
+    for ours in [c for c in columns if isinstance(c.server, Ours) and c.results]:
+        if not theirs:
+            break
+        peer = theirs[0]
         rate = statistics.median(r.rate for r in ours.results) / statistics.median(
-            r.rate for r in theirs.results
+            r.rate for r in peer.results
         )
         cpu = statistics.median(r.cpu_ms for r in ours.results) / statistics.median(
-            r.cpu_ms for r in theirs.results
+            r.cpu_ms for r in peer.results
         )
         verdict = "met" if rate >= TARGET else "NOT met"
         print(
-            f"ours/Postfix: accepted msgs/s {rate:.2f}x, CPU per message {cpu:.2f}x"
+            f"{ours.server.name}/Postfix: accepted msgs/s {rate:.2f}x, CPU per message {cpu:.2f}x"
             f" (target: ahead of Postfix by at least {TARGET}x in msgs/s: {verdict})"
         )
     noisy = max((r.background for c in columns for r in c.results), default=0.0)
@@ -717,6 +729,14 @@ def main() -> int:
         help="delete what Postfix delivered, at the end (slows Postfix for minutes)",
     )
     parser.add_argument("--dir", default=None, help="where to make the root (see above)")
+    parser.add_argument(
+        "--smtp-workers",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="measure ours with each of these serve --smtp-workers, alternating (default:"
+        " serve's own default)",
+    )
     args = parser.parse_args()
     if args.client == "smtp-source" and smtp_source() is None and args.no_postfix:
         print("smtp-source not found: using --client asyncio")
@@ -731,10 +751,11 @@ def main() -> int:
         args.dir = str(top)
     servers: list[Server] = []
     try:
-        ours = Ours(Path(args.dir or tempfile.gettempdir()))
-        servers.append(ours)
-        ours.setup()
-        ours.start()
+        for workers in args.smtp_workers or [None]:
+            ours = Ours(Path(args.dir or tempfile.gettempdir()), workers)
+            servers.append(ours)
+            ours.setup()
+            ours.start()
         if not args.no_postfix:
             postfix = Postfix(args.postfix_port, args.clean_postfix_mail)
             servers.append(postfix)
@@ -747,8 +768,11 @@ def main() -> int:
         if args.client == "smtp-source" and smtp_source() is None:
             print("smtp-source not found: using --client asyncio", flush=True)
             args.client = "asyncio"
-        info = f"ours ({revision()}) on 127.0.0.1:{ours.port}, root {ours.root}"
-        if len(servers) > 1:
+        mine = [s for s in servers if isinstance(s, Ours)]
+        info = f"ours ({revision()}) on " + ", ".join(
+            f"127.0.0.1:{s.port} ({s.name})" for s in mine
+        )
+        if len(servers) > len(mine):
             info += f"; Postfix {postfix_version()} on 127.0.0.1:{args.postfix_port}"
         print(
             f"{info}; {os.cpu_count()} CPUs, {platform.python_implementation()}"
@@ -771,15 +795,18 @@ def main() -> int:
                     col.results.append(out)
                 report(rnd, col.server.name, out)
         summarise(columns, args)
-        for line in ours.warnings()[-5:]:
-            print("ours said:", line.split(" ", 1)[-1])
+        for server in mine:
+            for line in server.warnings()[-5:]:
+                print(f"{server.name} said:", line.split(" ", 1)[-1])
     finally:
         for server in servers:
             server.stop()
         if top is not None:
             shutil.rmtree(top, ignore_errors=True)
-        elif servers and isinstance(servers[0], Ours):
-            shutil.rmtree(servers[0].base, ignore_errors=True)
+        else:
+            for server in servers:
+                if isinstance(server, Ours):
+                    shutil.rmtree(server.base, ignore_errors=True)
     return 0
 
 
