@@ -27,6 +27,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -372,10 +373,15 @@ class WorkerServer(SmtpServer):
         super().__init__(settings, self._enqueue, self._log, _refusal_text)
 
     def _load(self) -> Settings:
-        # The core has said whatever there is to say about these files.
-        settings = settings_for(self.root, control.load(self.root), lambda _: None, False)
-        if settings is None:  # rcpthosts vanished: the core will stop handing us clients
-            raise SystemExit(0)
+        """The listener's settings from control/*, as the core has them (the core
+        has said whatever there is to say about these files). Should rcpthosts
+        vanish between the core's look and ours, no recipient is accepted:
+        never qmail-smtpd's open relay."""
+        config = control.load(self.root)
+        if config.rcpthosts is None:
+            config = dataclasses.replace(config, rcpthosts=frozenset(), morercpthosts=None)
+        settings = settings_for(self.root, config, lambda _: None, False)
+        assert settings is not None
         return settings
 
     def admit(self, connection: SmtpConnection, ip: str) -> bytes | None:
