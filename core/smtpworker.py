@@ -44,7 +44,6 @@ from core.listener import Settings, SmtpConnection, SmtpServer, plain_ip, settin
 from core.paths import QmailRoot
 
 FRAME = struct.Struct("!IB")
-FRAME_MAX = 1 << 31  # a message is bounded by databytes, which the worker enforces
 META_MAX = 65536
 STOP_GRACE = 5.0  # a worker told to stop waits this long for clients mid-message
 PROJECT = str(Path(__file__).resolve().parent.parent)
@@ -243,17 +242,14 @@ class SmtpWorkers(SmtpServer):
                     with contextlib.suppress(OSError):
                         conn.send(refusal)
                 return
-            worker = self._pick()
-            if worker is None:
-                self.count_out(ip)
-                return
             meta = json.dumps({"cid": handed.cid, "ip": ip, "env": env}).encode()
-            fds = array.array("i", [conn.fileno()])
-            try:
-                worker.handoff.sendmsg([meta], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-            except OSError as e:
-                self.log(f"alert: unable to pass a connection to an SMTP worker: {e.strerror}")
+            worker = self._pass(conn, meta)
+            if worker is None:  # no worker alive, or every one is behind: busy
+                self.log(f"alert: no SMTP worker took the connection from {ip}; said 421")
                 self.count_out(ip)
+                conn.setblocking(False)
+                with contextlib.suppress(OSError):
+                    conn.send(self.too_many)
                 return
             worker.connections[handed.cid] = handed
         except OSError:
@@ -261,9 +257,20 @@ class SmtpWorkers(SmtpServer):
         finally:
             conn.close()  # the worker has its own descriptor now
 
-    def _pick(self) -> _Worker | None:
+    def _pass(self, conn: socket.socket, meta: bytes) -> _Worker | None:
+        """Give the connection to the least busy worker that takes it."""
         alive = [w for w in self.workers if w.alive and w.channel is not None]
-        return min(alive, key=lambda w: len(w.connections), default=None)
+        fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [conn.fileno()]))]
+        for worker in sorted(alive, key=lambda w: len(w.connections)):
+            try:
+                worker.handoff.sendmsg([meta], fds)
+            except BlockingIOError:
+                continue  # its backlog of handed connections is full
+            except OSError as e:
+                self.log(f"alert: unable to pass a connection to an SMTP worker: {e.strerror}")
+                continue
+            return worker
+        return None
 
     def _frame(self, worker: _Worker, kind: bytes, payload: bytes) -> None:
         if kind == b"Q":
@@ -400,7 +407,8 @@ class WorkerServer(SmtpServer):
             self.channel.send(b"L", text.encode("utf-8", "surrogateescape"))
 
     async def _enqueue(self, message: bytes, sender: str, recipients: list[str]) -> int:
-        assert self.channel is not None
+        if self.channel is None:  # the core is gone: nobody can queue it
+            raise Refused("Zqq temporary problem (#4.3.0)")
         q = next(self._q)
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiting[q] = future
