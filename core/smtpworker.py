@@ -11,14 +11,21 @@ commit as every other message and answers with its id; the worker's 250
 waits for that answer. Workers never open the queue: one process writes
 it, and one syncfs makes many workers' messages durable at once.
 
+A worker of a core run as root runs as qmail-smtpd does in the seed guide,
+as an unprivileged user (qmaild if the system has one, else nobody), with no
+supplementary groups: it reads no file. The core sends it what the session
+needs, the control files' policy and the STARTTLS certificate, at its start
+and on every reload.
+
 Everything else between the two travels on a SOCK_STREAM pair as frames, a
 4-byte length, a kind byte and the payload:
 
-    worker -> core  Q {"q": n, "sender": s, "rcpts": [...]}\\n<message>
+    worker -> core  U                            up: unprivileged, configured
+                    Q {"q": n, "sender": s, "rcpts": [...]}\\n<message>
                     C {"cid": n}                 a connection has ended
                     L text                       a line for the log
     core -> worker  R {"q": n, "id": 123} | {"q": n, "error": "Ztext"}
-                    H                            re-read the control files
+                    H {"policy": {...}, "local": "me", "pem": "..."|null}   settings
                     S                            stop: 421 to idle clients, finish, exit
 """
 
@@ -31,22 +38,27 @@ import dataclasses
 import itertools
 import json
 import os
+import pwd
 import signal
 import socket
+import ssl
 import struct
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from core import control
-from core.listener import Settings, SmtpConnection, SmtpServer, plain_ip, settings_for
+from core.listener import Limits, Settings, SmtpConnection, SmtpServer, plain_ip
 from core.paths import QmailRoot
+from core.smtpd import Policy, server_tls
 
 FRAME = struct.Struct("!IB")
 META_MAX = 65536
 STOP_GRACE = 5.0  # a worker told to stop waits this long for clients mid-message
 PROJECT = str(Path(__file__).resolve().parent.parent)
+NOBODY = 65534
+WORKER_START = 30.0  # seconds a new worker may take to say it is up
 
 
 class Channel(asyncio.BufferedProtocol):
@@ -111,6 +123,7 @@ class _Worker:
         self.channel: Channel | None = None
         self.connections: dict[int, _Handed] = {}
         self.alive = True
+        self.up: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
 
 Written = Callable[[int | None, BaseException | None], None]
@@ -126,6 +139,7 @@ class SmtpWorkers(SmtpServer):
         self.root = root
         self.count = count
         self.enqueue_then = enqueue_then
+        self.run_as = unprivileged() if os.geteuid() == 0 else ()
         self.workers: list[_Worker] = []
         self._listen: socket.socket | None = None
         self._cids = itertools.count(1)
@@ -140,11 +154,25 @@ class SmtpWorkers(SmtpServer):
     @settings.setter
     def settings(self, settings: Settings) -> None:
         """A reload: new connections are screened with the new rules and limits,
-        and each worker re-reads the control files for the sessions it runs."""
+        and each worker gets the new session settings."""
         self._settings = settings
         for worker in getattr(self, "workers", ()):
             if worker.channel is not None:
-                worker.channel.send(b"H")
+                worker.channel.send(b"H", self._session_settings())
+
+    def _session_settings(self) -> bytes:
+        """What a worker's sessions need, as the core has read it: the policy,
+        TCPLOCALHOST, and the certificate with its key when STARTTLS is on."""
+        settings = self._settings
+        pem = None
+        if settings.tls is not None:
+            with contextlib.suppress(OSError):
+                pem = self.root.control_file("servercert.pem").read_bytes().decode("latin-1")
+        policy = {
+            name: sorted(value) if isinstance(value, frozenset) else value
+            for name, value in dataclasses.asdict(settings.policy).items()
+        }
+        return json.dumps({"policy": policy, "local": settings.local, "pem": pem}).encode()
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -170,9 +198,9 @@ class SmtpWorkers(SmtpServer):
                 sys.executable,
                 "-m",
                 "core.smtpworker",
-                str(self.root.path),
                 str(theirs.fileno()),
                 str(their_stream.fileno()),
+                *(str(n) for n in self.run_as),
                 stdin=asyncio.subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(), their_stream.fileno()),
                 cwd=PROJECT,
@@ -190,6 +218,13 @@ class SmtpWorkers(SmtpServer):
             sock=stream,
         )
         worker.channel = channel
+        channel.send(b"H", self._session_settings())  # before its first client
+        try:  # started, unprivileged, configured: then it counts as up
+            await asyncio.wait_for(asyncio.shield(worker.up), WORKER_START)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            raise OSError(f"an SMTP worker did not start within {WORKER_START:.0f} s") from None
         return worker
 
     def _accept(self) -> None:
@@ -273,7 +308,10 @@ class SmtpWorkers(SmtpServer):
         return None
 
     def _frame(self, worker: _Worker, kind: bytes, payload: bytes) -> None:
-        if kind == b"Q":
+        if kind == b"U":
+            if not worker.up.done():
+                worker.up.set_result(None)
+        elif kind == b"Q":
             self._enqueue(worker, payload)
         elif kind == b"C":
             handed = worker.connections.pop(int(json.loads(payload)["cid"]), None)
@@ -319,9 +357,12 @@ class SmtpWorkers(SmtpServer):
         with contextlib.suppress(ValueError):
             self.workers.remove(worker)
         try:
-            self.workers.append(await self._spawn())
+            new = await self._spawn()
         except OSError as e:
             self.log(f"alert: unable to start an SMTP worker: {e.strerror or e}")
+            return
+        self.workers.append(new)
+        self.log(f"info: SMTP worker {new.proc.pid} started in place of {pid}")
 
     async def close(self) -> None:
         self._closing = True
@@ -367,8 +408,7 @@ class _HandedConnection(SmtpConnection):
 
 
 class WorkerServer(SmtpServer):
-    def __init__(self, root: QmailRoot, handoff: socket.socket) -> None:
-        self.root = root
+    def __init__(self, handoff: socket.socket) -> None:
         self.handoff = handoff
         self.channel: Channel | None = None
         self._waiting: dict[int, asyncio.Future[int]] = {}
@@ -376,20 +416,23 @@ class WorkerServer(SmtpServer):
         self._tasks: set[asyncio.Future[None]] = set()
         self.stopping = False
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        settings = self._load()
-        super().__init__(settings, self._enqueue, self._log, _refusal_text)
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        nothing_yet = Settings(Policy("", 0, 1, frozenset()), None, Limits(), "", None)
+        super().__init__(nothing_yet, self._enqueue, self._log, _refusal_text)
 
-    def _load(self) -> Settings:
-        """The listener's settings from control/*, as the core has them (the core
-        has said whatever there is to say about these files). Should rcpthosts
-        vanish between the core's look and ours, no recipient is accepted:
-        never qmail-smtpd's open relay."""
-        config = control.load(self.root)
-        if config.rcpthosts is None:
-            config = dataclasses.replace(config, rcpthosts=frozenset(), morercpthosts=None)
-        settings = settings_for(self.root, config, lambda _: None, False)
-        assert settings is not None
-        return settings
+    def configure(self, payload: bytes) -> None:
+        """The core's settings for new sessions (the first ones, or a reload)."""
+        given = json.loads(payload)
+        fields = dict(given["policy"])
+        for name in ("rcpthosts", "morercpthosts", "badmailfrom"):
+            fields[name] = frozenset(fields.get(name) or ())  # no rcpthosts: relay nothing
+        tls = None
+        if given.get("pem"):
+            with contextlib.suppress(OSError):  # then no STARTTLS offered
+                tls = _tls(given["pem"])
+        self.settings = Settings(Policy(**fields), None, Limits(), str(given["local"]), tls)
+        if not self.ready.done():
+            self.ready.set_result(None)
 
     def admit(self, connection: SmtpConnection, ip: str) -> bytes | None:
         self._connections.add(connection)  # the core has counted it
@@ -427,7 +470,7 @@ class WorkerServer(SmtpServer):
                     future.set_result(int(reply["id"]))
         elif kind == b"H":
             with contextlib.suppress(Exception):  # keep the old settings on trouble
-                self.settings = self._load()
+                self.configure(payload)
         elif kind == b"S":
             self.stop()
 
@@ -514,28 +557,66 @@ def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
+def _tls(pem: str) -> ssl.SSLContext | None:
+    """STARTTLS's context from the certificate and key the core read: through
+    a file only we can read, for the moment ssl takes to load it."""
+    with tempfile.TemporaryDirectory(prefix="qmailtui-smtp-") as private:
+        path = Path(private) / "servercert.pem"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            data = memoryview(pem.encode("latin-1"))
+            while data:
+                data = data[os.write(fd, data) :]
+        finally:
+            os.close(fd)
+        context, _ = server_tls(path)
+    return context
+
+
+def unprivileged() -> tuple[int, int]:
+    """Whom a worker runs as when the core is root: qmail-smtpd's qmaild if
+    this system has that user, else nobody."""
+    for name in ("qmaild", "nobody"):
+        with contextlib.suppress(KeyError):
+            entry = pwd.getpwnam(name)
+            if entry.pw_uid != 0:
+                return entry.pw_uid, entry.pw_gid
+    return NOBODY, NOBODY
+
+
+def drop_privileges(uid: int, gid: int) -> None:
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    if os.getuid() == 0 or os.geteuid() == 0:
+        raise PermissionError("an SMTP worker never runs as root")
+
+
 def _refusal_text(e: BaseException) -> str:
     if isinstance(e, Refused):
         return str(e)
     return "Zqq temporary problem (#4.3.0)"
 
 
-async def _work(root: QmailRoot, handoff: socket.socket, stream: socket.socket) -> None:
+async def _work(handoff: socket.socket, stream: socket.socket) -> None:
     loop = asyncio.get_running_loop()
-    server = WorkerServer(root, handoff)
+    server = WorkerServer(handoff)
     _, channel = await loop.create_unix_connection(
         lambda: Channel(server.frame, server.lost), sock=stream
     )
     server.channel = channel
+    await asyncio.wait([server.ready, server.done], return_when=asyncio.FIRST_COMPLETED)
     handoff.setblocking(False)
-    loop.add_reader(handoff.fileno(), server.take)
+    loop.add_reader(handoff.fileno(), server.take)  # clients only once we have settings
+    channel.send(b"U")
     await server.done
 
 
 def main() -> int:
-    root = QmailRoot(sys.argv[1])
-    handoff = socket.socket(fileno=int(sys.argv[2]))
-    stream = socket.socket(fileno=int(sys.argv[3]))
+    handoff = socket.socket(fileno=int(sys.argv[1]))
+    stream = socket.socket(fileno=int(sys.argv[2]))
+    if len(sys.argv) > 4:  # before a byte from the network: as qmaild, or nobody
+        drop_privileges(int(sys.argv[3]), int(sys.argv[4]))
     os.umask(0o077)
     # The core decides when we stop (S, or its end of the stream closing): a
     # Ctrl-C or a TERM sent to the whole process group must not cut clients off
@@ -543,7 +624,7 @@ def main() -> int:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_work(root, handoff, stream))
+        asyncio.run(_work(handoff, stream))
     return 0
 
 

@@ -966,7 +966,8 @@ def test_a_worker_that_dies_is_replaced_and_its_clients_are_counted_out(
             os.kill(worker, signal.SIGKILL)
             client.assert_closed()
         running.wait_log(f"alert: SMTP worker {worker} exited with status -9; starting another")
-        wait_until(lambda: len(smtp_workers(running.proc.pid)) == 1, WAIT, "a new worker started")
+        running.wait_log(f"started in place of {worker}")
+        assert len(smtp_workers(running.proc.pid)) == 1
         with smtp(running.port) as again:  # the limit of 1 is free again
             again.sendmail(SENDER, [POSTMASTER], b"Subject: after\r\n\r\nqueued\r\n")
         bodies = delivered(root, 1)
@@ -997,6 +998,40 @@ def test_term_to_the_whole_process_group_still_says_421_and_keeps_the_message(
     in_queue = [m for m in queue_list(root) if m["sender"] == SENDER]
     in_maildir = [m for m in maildir_files(alias_maildir(root)) if b"\nkept\n" in m.read_bytes()]
     assert len(in_queue) + len(in_maildir) == 1, (in_queue, in_maildir)
+
+
+def process_ids(pid: int) -> tuple[list[int], list[int], str]:
+    """(real, effective, saved, fs uids), the same for gids, and the groups."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    uids = [int(x) for x in re.search(r"^Uid:\s+(.*)$", status, re.M)[1].split()]  # type: ignore[index]
+    gids = [int(x) for x in re.search(r"^Gid:\s+(.*)$", status, re.M)[1].split()]  # type: ignore[index]
+    groups = re.search(r"^Groups:[ \t]*(.*)$", status, re.M)[1].strip()  # type: ignore[index]
+    return uids, gids, groups
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a core run as root changes users")
+def test_workers_of_a_root_core_run_unprivileged_and_still_do_starttls(
+    root: QmailRoot, servercert: bytes
+) -> None:
+    """As qmail-smtpd under qmaild: no session parses network input as root,
+    and the certificate the worker cannot read comes from the core."""
+    pem = root.control_file("servercert.pem")
+    pem.write_bytes(servercert)
+    pem.chmod(0o600)
+    with serving(root, workers=2) as running:
+        workers = smtp_workers(running.proc.pid)
+        assert len(workers) == 2
+        for pid in workers:
+            uids, gids, groups = process_ids(pid)
+            assert 0 not in uids, uids
+            assert 0 not in gids, gids
+            assert len(set(uids)) == 1, uids
+            assert len(set(gids)) == 1, gids
+            assert groups == ""
+        for _ in range(2):  # both workers
+            done = swaks(running.port, "--tls", "--header", "Subject: tls as nobody")
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert "=== TLS started with cipher " in done.stdout, done.stdout
 
 
 def test_hup_reaches_the_workers(root: QmailRoot) -> None:
