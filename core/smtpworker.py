@@ -485,6 +485,7 @@ class WorkerServer(SmtpServer):
         asyncio.get_running_loop().call_later(STOP_GRACE, self._cut_off)
 
     def _cut_off(self) -> None:
+        """Every client still here is cut off, and the worker is done."""
         for connection in list(self._connections):
             if connection.transport is not None:
                 connection.transport.abort()
@@ -498,11 +499,7 @@ class WorkerServer(SmtpServer):
             if not future.done():
                 future.set_exception(Refused("Zqq temporary problem (#4.3.0)"))
         self._waiting.clear()
-        for connection in list(self._connections):
-            if connection.transport is not None:
-                connection.transport.abort()
-        if not self.done.done():
-            self.done.set_result(None)
+        self._cut_off()
 
     def take(self) -> None:
         """Connections the core hands over: each a descriptor and its environment."""

@@ -855,20 +855,25 @@ def test_mail_with_a_size_over_databytes_gets_552(databytes_mta: Mta) -> None:
 # -- 7. limits -----------------------------------------------------------------
 
 
+def quit_then_admitted(client: Raw, port: int) -> None:
+    """The client leaves; then a new connection is greeted, not refused."""
+    assert client.talk(b"QUIT") == b"221 mx.example.org\r\n"
+    client.assert_closed()
+
+    def admitted() -> bool:
+        with Raw(port) as again:
+            return again.reply().startswith(b"220 ")
+
+    wait_until(admitted, WAIT, "a new connection once one closed")
+
+
 def test_a_third_connection_from_one_ip_gets_421_until_one_closes(root: QmailRoot) -> None:
     root.control_file("concurrencyperip").write_text("2\n")
     with serving(root) as running, greeted(running.port) as first, greeted(running.port):
         with Raw(running.port) as third:
             assert third.reply().startswith(b"421 ")
             third.assert_closed()
-        assert first.talk(b"QUIT") == b"221 mx.example.org\r\n"
-        first.assert_closed()
-
-        def admitted() -> bool:
-            with Raw(running.port) as again:
-                return again.reply().startswith(b"220 ")
-
-        wait_until(admitted, WAIT, "a new connection once one closed")
+        quit_then_admitted(first, running.port)
 
 
 def test_an_idle_client_is_timed_out_with_451(root: QmailRoot) -> None:
@@ -944,14 +949,7 @@ def test_the_connection_limits_count_across_workers(root: QmailRoot) -> None:
             with Raw(running.port) as fourth:
                 assert fourth.reply() == b"421 too many connections, try again later (#4.3.2)\r\n"
                 fourth.assert_closed()
-            assert first.talk(b"QUIT") == b"221 mx.example.org\r\n"
-            first.assert_closed()
-
-            def admitted() -> bool:
-                with Raw(running.port) as again:
-                    return again.reply().startswith(b"220 ")
-
-            wait_until(admitted, WAIT, "a new connection once one closed")
+            quit_then_admitted(first, running.port)
 
 
 def test_a_worker_that_dies_is_replaced_and_its_clients_are_counted_out(
