@@ -289,6 +289,13 @@ class Core:
         durability = GroupCommit()
         queue = Queue(self.root, id_block=64, durability=durability)
         self.spawner = LocalSpawner(self.root, self._lost_spawn)
+        # Now, as qmail-start starts qmail-lspawn, not at the first delivery: a
+        # process started while a TERM is sent to our whole group could get it
+        # before it has left the group.
+        try:
+            await self.spawner.start()
+        except OSError as e:  # the first delivery tries again
+            self.log.line(f"alert: unable to start lspawn: {e.strerror or e}")
         from core.rspawn import Remote  # dnspython and the SMTP client: only in a running core
 
         self.remote = Remote(

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -245,6 +246,7 @@ class LocalSpawner:
             stdout=asyncio.subprocess.PIPE,
             limit=LINE_MAX,
             cwd=PROJECT,
+            start_new_session=True,  # a Ctrl-C or a kill of our group is not for it
         )
         self._reader = asyncio.ensure_future(self._read(self._proc))
 
@@ -315,9 +317,19 @@ class LocalSpawner:
             await self._reader
 
 
+def _ignore(signum: int, frame: object) -> None:
+    pass
+
+
 def main() -> int:
     root = QmailRoot(sys.argv[1])
     os.umask(0o077)
+    # The core ends us by closing our input, after its deliveries have wound
+    # down: a TERM or Ctrl-C sent to the whole process group (systemd's
+    # control-group kill, a terminal) must not cut them short. A handler, not
+    # SIG_IGN: the programs deliveries run get the default actions back at exec.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _ignore)
     serve(root, sys.stdin.buffer, sys.stdout.buffer)
     return 0
 

@@ -204,6 +204,7 @@ class SmtpWorkers(SmtpServer):
                 stdin=asyncio.subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(), their_stream.fileno()),
                 cwd=PROJECT,
+                start_new_session=True,  # a Ctrl-C or a kill of our group is not for it
             )
         finally:
             theirs.close()

@@ -990,6 +990,7 @@ def test_term_to_the_whole_process_group_still_says_421_and_keeps_the_message(
                 assert client.reply() == b"421 mx.example.org closing connection\r\n"
                 client.assert_closed()
         assert running.proc.wait(20) == 0
+        assert "exited with status" not in running.log(), running.log()
     wait_until(
         lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), WAIT, "workers gone"
     )
