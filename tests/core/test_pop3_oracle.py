@@ -737,9 +737,12 @@ def make_checker(kind: str, oracle: Path, tmp_path: Path) -> Checker:
         return Checker([str(oracle / "checkpassword-stub"), *pop3d_argv], env)
     if kind == "missing":
         return Checker([str(tmp_path / "no-such-checkpassword"), *pop3d_argv])
+    # Each reads fd 3 to its end first, as every checkpassword does: one that
+    # exits without reading races qmail-popup's write of the login, which then
+    # says "unable to write pipe" instead, now and then.
     script = {
-        "crash": "#!/bin/sh\nkill -9 $$\n",
-        "tempfail": "#!/bin/sh\nexit 111\n",
+        "crash": "#!/bin/sh\ncat <&3 >/dev/null\nkill -9 $$\n",
+        "tempfail": "#!/bin/sh\ncat <&3 >/dev/null\nexit 111\n",
         "dump": '#!/bin/sh\ncat <&3 > "$DUMP"\nexit 1\n',
     }[kind]
     path = tmp_path / f"checkpassword-{kind}"
