@@ -180,6 +180,26 @@ class SmtpServer(Listening["SmtpConnection"]):
     def connection(self) -> SmtpConnection:
         return SmtpConnection(self)
 
+    def rules_for(self, ip: str) -> tuple[Rules | None, bool] | None:
+        """tcpserver's first look at a new connection: the rules in force (one
+        read of the cdb), and whether they need the client's name from DNS
+        first; None, and an alert, when the rules cannot be read."""
+        rules_file = self.settings.rules
+        if rules_file is None:
+            return None, False
+        try:
+            rules = rules_file.current()
+        except OSError as e:
+            self.log(f"alert: unable to read etc/tcp.smtp.cdb: {e}; dropped {ip}")
+            return None
+        return rules, self.settings.resolver is not None and rules_file.names_hosts
+
+    async def client_name(self, ip: str) -> str | None:
+        """TCPREMOTEHOST: the client's name, as tcpserver finds it."""
+        from core.rdns import remote_host
+
+        return await remote_host(ip, self.settings.resolver)
+
     def screen(
         self,
         owner: SmtpConnection | None,
@@ -268,30 +288,19 @@ class SmtpConnection(Connection):
         peer = transport.get_extra_info("peername") or ("unknown", 0)
         sock = transport.get_extra_info("sockname") or ("unknown", 0)
         self.ip = plain_ip(str(peer[0]))
-        rules_file, rules = self.settings.rules, None
-        if rules_file is not None:
-            try:
-                rules = rules_file.current()  # one look at the cdb per connection
-            except OSError as e:
-                self._unreadable(e)
-                return
-            if self.settings.resolver is not None and rules_file.names_hosts:
-                # tcpserver finds the client's name before it consults the rules
-                transport.pause_reading()
-                self.task = asyncio.ensure_future(self._named(peer, sock, rules))
-                return
+        looked = self.server.rules_for(self.ip)
+        if looked is None:
+            transport.abort()  # tcpserver drops the connection when it cannot read its rules
+            return
+        rules, named = looked
+        if named:  # tcpserver finds the client's name before it consults the rules
+            transport.pause_reading()
+            self.task = asyncio.ensure_future(self._named(peer, sock, rules))
+            return
         self._open(peer, sock, None, rules)
 
-    def _unreadable(self, e: Exception) -> None:
-        """tcpserver drops the connection when it cannot read its rules."""
-        self.server.log(f"alert: unable to read etc/tcp.smtp.cdb: {e}; dropped {self.ip}")
-        assert self.transport is not None
-        self.transport.abort()
-
-    async def _named(self, peer: Any, sock: Any, rules: Rules) -> None:
-        from core.rdns import remote_host
-
-        host = await remote_host(self.ip, self.settings.resolver)
+    async def _named(self, peer: Any, sock: Any, rules: Rules | None) -> None:
+        host = await self.server.client_name(self.ip)
         if self.transport is None or self.transport.is_closing():
             return
         self.task = None

@@ -47,11 +47,14 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.listener import Limits, Settings, SmtpConnection, SmtpServer, plain_ip
 from core.paths import QmailRoot
 from core.smtpd import Policy, server_tls
+
+if TYPE_CHECKING:
+    from core.send import Written  # not imported here: a worker has no scheduler
 
 FRAME = struct.Struct("!IB")
 META_MAX = 65536
@@ -126,8 +129,7 @@ class _Worker:
         self.up: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
 
-Written = Callable[[int | None, BaseException | None], None]
-EnqueueThen = Callable[[bytes, str, list[str], Written], None]
+EnqueueThen = Callable[[bytes, str, list[str], "Written"], None]
 
 
 class SmtpWorkers(SmtpServer):
@@ -242,26 +244,21 @@ class SmtpWorkers(SmtpServer):
 
     def _admit_new(self, conn: socket.socket, peer: Any) -> None:
         ip = plain_ip(str(peer[0]))
-        rules_file, rules = self.settings.rules, None
-        if rules_file is not None:
-            try:
-                rules = rules_file.current()
-            except OSError as e:
-                self.log(f"alert: unable to read etc/tcp.smtp.cdb: {e}; dropped {ip}")
-                conn.close()
-                return
-            if self.settings.resolver is not None and rules_file.names_hosts:
-                task = asyncio.ensure_future(self._named(conn, peer, ip, rules))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-                return
+        looked = self.rules_for(ip)
+        if looked is None:
+            conn.close()  # tcpserver drops the connection when it cannot read its rules
+            return
+        rules, named = looked
+        if named:
+            task = asyncio.ensure_future(self._named(conn, peer, ip, rules))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
         self._hand(conn, peer, ip, None, rules)
 
     async def _named(self, conn: socket.socket, peer: Any, ip: str, rules: Any) -> None:
-        from core.rdns import remote_host
-
         try:
-            host = await remote_host(ip, self.settings.resolver)
+            host = await self.client_name(ip)
         except BaseException:
             conn.close()
             raise

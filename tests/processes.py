@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from core.paths import QmailRoot
@@ -95,37 +95,60 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
 
 
 @contextlib.contextmanager
-def serving(
-    root: QmailRoot, timeout: float = 30.0, extra: tuple[str, ...] = ()
-) -> Iterator[subprocess.Popen[bytes]]:
-    """`qmailtui serve --root ROOT`, up (its `ready` line read) for the block.
-    With no smtproutes, remote deliveries go to 127.0.0.1:1 and defer at once:
-    no test asks the world's DNS unless it routes mail itself."""
-    no_world(root)
-    errors = root.path.parent / "serve.stderr"
+def launched(argv: Sequence[str], errors: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A program for the block, in a session of its own, its standard output a
+    pipe and its standard error appended to `errors`; then stopped by its pid."""
     with open(errors, "ab") as err:
         proc = subprocess.Popen(
-            [*CLI, "serve", "--root", str(root.path), *serve_options(), *extra],
+            list(argv),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=err,
             start_new_session=True,
         )
+    try:
+        yield proc
+    finally:
         try:
-            assert proc.stdout is not None
-            line = read_line(proc.stdout, timeout)
-            if not line.startswith(b"ready "):
-                raise AssertionError(
-                    f"serve did not get ready: {line!r}\n{errors.read_text(errors='replace')}"
-                )
-            proc.ports = ready_ports(line.decode())  # type: ignore[attr-defined]
-            yield proc
+            stop(proc)
         finally:
-            try:
-                stop(proc)
-            finally:
-                if proc.stdout is not None:
-                    proc.stdout.close()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+@contextlib.contextmanager
+def tcpserver_port(
+    argv: Sequence[str], errors: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """ucspi-tcp's `tcpserver -1 ...` for the block, and the port it printed."""
+    with launched(argv, errors) as proc:
+        assert proc.stdout is not None
+        port = read_line(proc.stdout, 10)
+        assert port.strip().isdigit(), (port, errors.read_text())
+        yield proc, int(port)
+
+
+@contextlib.contextmanager
+def serving(
+    root: QmailRoot, timeout: float = 30.0, extra: tuple[str, ...] = ()
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`qmailtui serve --root ROOT`, up (its `ready` line read) for the block;
+    the line is kept as `ready_line`, its ports as `ports`.
+    With no smtproutes, remote deliveries go to 127.0.0.1:1 and defer at once:
+    no test asks the world's DNS unless it routes mail itself."""
+    no_world(root)
+    errors = root.path.parent / "serve.stderr"
+    argv = [*CLI, "serve", "--root", str(root.path), *serve_options(), *extra]
+    with launched(argv, errors) as proc:
+        assert proc.stdout is not None
+        line = read_line(proc.stdout, timeout)
+        if not line.startswith(b"ready "):
+            raise AssertionError(
+                f"serve did not get ready: {line!r}\n{errors.read_text(errors='replace')}"
+            )
+        proc.ready_line = line  # type: ignore[attr-defined]
+        proc.ports = ready_ports(line.decode())  # type: ignore[attr-defined]
+        yield proc
 
 
 def ready_ports(line: str) -> dict[str, int]:

@@ -25,8 +25,7 @@ from tests.processes import (
     add_maildir_user,
     maildir_files,
     qmailtui,
-    read_line,
-    stop,
+    tcpserver_port,
     wait_until,
 )
 from tests.processes import serving as running
@@ -182,19 +181,9 @@ def test_the_seed_guides_chain_under_tcpserver(root: QmailRoot) -> None:
         "Maildir",
     )
     errors = root.path.parent / "tcpserver.stderr"
-    with open(errors, "ab") as err:
-        proc = subprocess.Popen(
-            [program, "-1", "-HR", "-l", "pop.example.org", "127.0.0.1", "0", *chain],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            start_new_session=True,
-        )
-    try:
-        assert proc.stdout is not None
-        port = read_line(proc.stdout, 10)
-        assert port.strip().isdigit(), (port, errors.read_text())
-        pop = poplib.POP3("127.0.0.1", int(port), timeout=30)
+    argv = [program, "-1", "-HR", "-l", "pop.example.org", "127.0.0.1", "0", *chain]
+    with tcpserver_port(argv, errors) as (_, port):
+        pop = poplib.POP3("127.0.0.1", port, timeout=30)
         assert re.fullmatch(rb"\+OK <\d+\.\d+@pop\.example\.org>", pop.getwelcome())
         pop.user("alice")
         pop.pass_(PASSWORD)
@@ -204,10 +193,6 @@ def test_the_seed_guides_chain_under_tcpserver(root: QmailRoot) -> None:
         pop.quit()
         # QUIT moved the message to cur/, as qmail-pop3d does
         assert [p.name for p in (maildir / "cur").iterdir()] == ["1700000000.1.test:2,"]
-    finally:
-        stop(proc)
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 def test_a_second_session_on_the_same_maildir_is_refused(root: QmailRoot) -> None:

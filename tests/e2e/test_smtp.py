@@ -31,8 +31,9 @@ from typing import Any
 import pytest
 
 from core.paths import QmailRoot
+from tests import processes
 from tests.e2e.conftest import qmailtui
-from tests.processes import CLI, maildir_files, no_world, read_line, stop, wait_until
+from tests.processes import CLI, maildir_files, read_line, stop, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -112,42 +113,16 @@ def serving(
     --smtp-workers (None: serve's default). Unless a test routes them itself,
     remote deliveries go to 127.0.0.1:1 and defer at once: a relayed message
     stays queued, and no test asks the world's DNS."""
-    no_world(root)
-    errors = root.path.parent / "serve.stderr"
     extra = ["--resolver", resolver] if resolver else []
     if workers is not None:
         extra += ["--smtp-workers", str(workers)]
-    with open(errors, "ab") as err:
-        proc = subprocess.Popen(
-            [
-                *CLI,
-                "--root",
-                str(root.path),
-                "serve",
-                "--smtp",
-                "127.0.0.1:0",
-                "--pop3",
-                "off",
-                *extra,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            start_new_session=True,
-        )
-    try:
-        assert proc.stdout is not None
-        line = read_line(proc.stdout, 30)
+    with processes.serving(root, extra=tuple(extra)) as proc:
+        line = proc.ready_line  # type: ignore[attr-defined]
         ready = re.fullmatch(rb"ready smtp=(?:127\.0\.0\.1:(\d+)|off) pop3=off\n", line)
         if ready is None or (ready[1] is not None) != listens:
+            errors = root.path.parent / "serve.stderr"
             raise AssertionError(f"serve said {line!r}:\n{errors.read_text(errors='replace')}")
         yield Mta(root, proc, int(ready[1] or 0))
-    finally:
-        try:
-            stop(proc)
-        finally:
-            if proc.stdout is not None:
-                proc.stdout.close()
 
 
 @pytest.fixture(params=[0, 2], ids=["in-core", "2-workers"])
@@ -1075,25 +1050,9 @@ def tcpserver(root: QmailRoot, rules: str) -> Iterator[TcpServer]:
     # -1: print the port; -v: log each child's exit status; -HR: no DNS, no ident
     options = ("-1", "-v", "-HR", "-l", HOST, "-c", "10", "-x", str(cdb))
     smtpd = (*qmailtui_command(), "--root", str(root.path), "smtpd")
-    with open(errors, "ab") as err:
-        proc = subprocess.Popen(
-            [program, *options, "127.0.0.1", "0", *smtpd],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            start_new_session=True,
-        )
-    try:
-        assert proc.stdout is not None
-        port = read_line(proc.stdout, 10)
-        assert port.strip().isdigit(), (port, errors.read_text())
-        yield TcpServer(proc, int(port), errors)
-    finally:
-        try:
-            stop(proc)
-        finally:
-            if proc.stdout is not None:
-                proc.stdout.close()
+    argv = [program, *options, "127.0.0.1", "0", *smtpd]
+    with processes.tcpserver_port(argv, errors) as (proc, port):
+        yield TcpServer(proc, port, errors)
 
 
 def test_smtpd_under_tcpserver_queues_with_the_rules_relayclient(root: QmailRoot) -> None:
