@@ -21,9 +21,9 @@ import ctypes
 import ctypes.util
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 StrPath = str | os.PathLike[str]  # the queue's hot paths pass plain strings
 
@@ -70,6 +70,31 @@ class FsyncEach:
             fsync_path(path)
         for path in dict.fromkeys(dirs):
             fsync_path(path)
+
+
+T = TypeVar("T")
+Sync = tuple[Sequence[StrPath], Sequence[StrPath]]
+# Writing as steps: each yield asks for (files, dirs) to be made durable before
+# going on, or is None: "what comes next may block for long (a lock, a program)".
+# A caller with a group commit of its own drives them without a thread per
+# writer; an OSError from a sync is thrown back in at the yield.
+Steps = Generator[Sync | None, None, T]
+
+
+def run_steps(steps: Steps[T], durable: Durability) -> T:
+    """Drive `steps` to their end here, blocking at each sync point."""
+    error: OSError | None = None
+    while True:
+        try:
+            step = steps.send(None) if error is None else steps.throw(error)
+        except StopIteration as done:
+            return cast(T, done.value)
+        error = None
+        if step is not None:
+            try:
+                durable.sync(*step)
+            except OSError as e:
+                error = e
 
 
 SyncFs = Callable[[int], int]
@@ -181,48 +206,38 @@ class GroupCommit:
             self._anchors.clear()
 
 
-class LoopGroupCommit:
-    """Group commit for writers on an event loop: one thread runs syncfs for
-    every writer waiting at that moment and wakes them all with one hand-off.
+Waiter = tuple[Sequence[StrPath], Sequence[StrPath], Synced]
 
-    The running core writes queue files on its event loop (each file op takes
-    microseconds) and only the sync blocks; handing every message's writes to
-    a worker thread cost more in thread switches (futex and GIL hand-offs, a
-    third of the core's CPU) than the writes themselves. A waiter asks after its
-    writes are done; the batch it joins is taken, and its syncfs begun, after
-    that: nobody is told "durable" by a sync that began before its write.
 
-    `then` calls the waiter back on the loop in the iteration that learns of the
-    sync: awaiting a future costs one more loop iteration per sync, and under
-    load an iteration is most of the wait.
+class ThreadGroupCommit:
+    """Group commit for writers that go on in a callback: one thread runs one
+    syncfs for every writer waiting at that moment, then calls the whole batch
+    back (`wake`). A waiter asks after its writes are done; the batch it joins
+    is taken, and its syncfs begun, after that: nobody is told "durable" by a
+    sync that began before its write.
+
+    Writers that each block in `GroupCommit.sync` wake one by one after every
+    syncfs (a futex hand-off and a turn at the GIL each); called back in one
+    batch, they cost one hand-off per sync. Without `wake` the callbacks run on
+    the syncer thread itself.
     """
 
-    def __init__(self, loop: Any, fallback: GroupCommit) -> None:
-        self._loop = loop
+    def __init__(
+        self,
+        fallback: GroupCommit,
+        wake: Callable[[list[Waiter], OSError | None], None] | None = None,
+    ) -> None:
         self._fallback = fallback  # no syncfs here: fsync each file, in the thread
+        self._wake = wake or _call_back
         self._cond = threading.Condition()
-        self._waiting: list[tuple[Sequence[StrPath], Sequence[StrPath], Synced]] = []
+        self._waiting: list[Waiter] = []
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="syncer", daemon=True)
         self._thread.start()
 
-    async def sync(self, files: Sequence[StrPath], dirs: Sequence[StrPath]) -> None:
-        future = self._loop.create_future()
-
-        def synced(error: OSError | None) -> None:
-            if future.done():
-                return
-            if error is None:
-                future.set_result(None)
-            else:
-                future.set_exception(OSError(error.errno, error.strerror))
-
-        self.then(files, dirs, synced)
-        await future
-
     def then(self, files: Sequence[StrPath], dirs: Sequence[StrPath], synced: Synced) -> None:
-        """Call `synced(None)` on the loop once files and dirs are durable, or
-        `synced(error)` if the sync failed."""
+        """Call `synced(None)` once files and dirs are durable, or `synced(error)`
+        if the sync failed."""
         with self._cond:
             self._waiting.append((files, dirs, synced))
             self._cond.notify()
@@ -248,18 +263,63 @@ class LoopGroupCommit:
                         self._fallback.sync(files, dirs)
             except OSError as e:
                 error = e
-            self._loop.call_soon_threadsafe(_wake, batch, error)
+            self._wake(batch, error)
 
     def close(self) -> None:
+        """Let the waiting writers finish, then stop the thread."""
         with self._cond:
             self._closed = True
             self._cond.notify()
         self._thread.join(60)
 
 
-def _wake(
-    batch: list[tuple[Sequence[StrPath], Sequence[StrPath], Synced]], error: OSError | None
-) -> None:
+def _call_back(batch: list[Waiter], error: OSError | None) -> None:
+    for _, _, synced in batch:
+        try:
+            synced(error)
+        except Exception:  # our bug: the other waiters must still hear
+            import traceback
+
+            traceback.print_exc()
+
+
+class LoopGroupCommit(ThreadGroupCommit):
+    """ThreadGroupCommit for writers on an event loop: the batch is called back
+    on the loop, with one hand-off.
+
+    The running core writes queue files on its event loop (each file op takes
+    microseconds) and only the sync blocks; handing every message's writes to
+    a worker thread cost more in thread switches (futex and GIL hand-offs, a
+    third of the core's CPU) than the writes themselves.
+
+    `then` calls the waiter back on the loop in the iteration that learns of the
+    sync: awaiting a future costs one more loop iteration per sync, and under
+    load an iteration is most of the wait.
+    """
+
+    def __init__(self, loop: Any, fallback: GroupCommit) -> None:
+        self._loop = loop
+        super().__init__(fallback, self._to_loop)
+
+    def _to_loop(self, batch: list[Waiter], error: OSError | None) -> None:
+        self._loop.call_soon_threadsafe(_wake, batch, error)
+
+    async def sync(self, files: Sequence[StrPath], dirs: Sequence[StrPath]) -> None:
+        future = self._loop.create_future()
+
+        def synced(error: OSError | None) -> None:
+            if future.done():
+                return
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(OSError(error.errno, error.strerror))
+
+        self.then(files, dirs, synced)
+        await future
+
+
+def _wake(batch: list[Waiter], error: OSError | None) -> None:
     for _, _, synced in batch:
         try:
             synced(error)

@@ -25,8 +25,8 @@ from typing import TextIO
 
 from core import dotqmail
 from core.dotqmail import Failure, Instruction, Search
-from core.durable import Durability, FsyncEach
-from core.maildir import MailboxError, Message, deliver_maildir, deliver_mbox, open_message
+from core.durable import Durability, FsyncEach, Steps, run_steps
+from core.maildir import MailboxError, Message, deliver_mbox, maildir_steps, open_message
 from core.paths import default_root
 from core.quote import quote2
 from core.timefmt import mbox_date
@@ -234,9 +234,22 @@ def execute(
     qmail-lspawn cuts it. With `passthrough` (the qmail-local command) programs
     write to our own fd 1 and 2 as qmail-local's do, and nothing is cut: the
     report holds only our lines, and qmail-lspawn does the cutting."""
+    steps = execute_steps(plan, message, forward=forward, rules=rules, passthrough=passthrough)
+    return run_steps(steps, durable or FsyncEach())
+
+
+def execute_steps(
+    plan: Plan,
+    message: Message,
+    *,
+    forward: Forwarder | None,
+    rules: Rules | None = None,
+    passthrough: bool = False,
+) -> Steps[Result]:
+    """execute as steps (durable.Steps): Maildir deliveries yield their sync
+    points; an mbox, a program or a forward first yields None (it may block)."""
     report = str if passthrough else _report
     rules = rules or Rules()
-    durable = durable or FsyncEach()
     home = plan.target.home
     header = plan.rpline + plan.dtline
     output: list[str] = []
@@ -262,8 +275,9 @@ def execute(
                 )
             try:
                 if ins.kind == "maildir":
-                    deliver_maildir(path, header, message, durable)
+                    yield from maildir_steps(path, header, message)
                 else:
+                    yield None
                     deliver_mbox(path, header, message, plan.ufline, value)
             except MailboxError as e:
                 return failed(e.text, e.permanent)
@@ -271,6 +285,7 @@ def execute(
             programs += 1
             if not rules.programs:
                 return failed(rules.why_no_programs)
+            yield None
             code, text = run_program(value, plan, message, capture=not passthrough)
             output.append(text)
             if code is None:
@@ -292,6 +307,8 @@ def execute(
         return Result("K", report("".join(output) + done), (plan.newsender, tuple(forward_to)))
     if forward_to and forward is not None:
         from core.queue import QueueError
+
+        yield None
 
         try:
             qp = f"qp {forward(plan.dtline, message, plan.newsender, forward_to)}\n"
@@ -353,6 +370,23 @@ def qmail_local(
     now: float | None = None,
 ) -> Result:
     """The whole of qmail-local for one delivery."""
+    steps = qmail_local_steps(
+        target, sender, defaultdelivery, message, forward=forward, rules=rules, now=now
+    )
+    return run_steps(steps, durable or FsyncEach())
+
+
+def qmail_local_steps(
+    target: Target,
+    sender: str,
+    defaultdelivery: str,
+    message: Message,
+    *,
+    forward: Forwarder | None,
+    rules: Rules | None = None,
+    now: float | None = None,
+) -> Steps[Result]:
+    """qmail_local as steps (durable.Steps), for a caller with its own group commit."""
     when = time.time() if now is None else now
     try:
         plan = prepare(target, sender, defaultdelivery, when)
@@ -364,7 +398,7 @@ def qmail_local(
         finish_plan(plan, defaultdelivery)
     except Failure as e:
         return Result("D" if e.permanent else "Z", e.text + "\n")
-    return execute(plan, message, forward=forward, durable=durable, rules=rules)
+    return (yield from execute_steps(plan, message, forward=forward, rules=rules))
 
 
 def describe(plan: Plan) -> tuple[list[str], str | None]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -77,6 +78,87 @@ class Deliverer:
         self.is_root = os.geteuid() == 0
 
     def deliver(self, rcpt: str, sender: str, msgid: int, now: float) -> Result:
+        routed = self._route(rcpt)
+        if isinstance(routed, Result):
+            return routed
+        owner, target = routed
+        defaultdelivery = "".join(line + "\n" for line in self.config().defaultdelivery)
+        message = self.root.mess(msgid)
+        if self.is_root and owner.uid != 0:
+            result = self._as_user(owner, target, sender, defaultdelivery, message, now)
+        else:
+            result = self._here(owner, target, sender, defaultdelivery, message, now)
+        if result.forward is None:
+            return result
+        return self._forward(result, owner, target, message, now)
+
+    def deliver_then(
+        self,
+        rcpt: str,
+        sender: str,
+        msgid: int,
+        now: float,
+        done: Callable[[Result], None],
+        blocking: Callable[[Callable[[], None]], object],
+    ) -> None:
+        """deliver, calling `done(result)` back. A delivery as another user is
+        handed to its worker at once and answered from the worker's reader
+        thread; what blocks here (a delivery in this process, queueing a
+        forward) is run through `blocking` (a thread pool's submit)."""
+        try:
+            routed = self._route(rcpt)
+        except Exception as e:
+            done(_internal(e))
+            return
+        if isinstance(routed, Result):
+            done(routed)
+            return
+        owner, target = routed
+        defaultdelivery = "".join(line + "\n" for line in self.config().defaultdelivery)
+        message = self.root.mess(msgid)
+
+        def then(result: Result) -> None:
+            if result.forward is None:
+                done(result)
+                return
+
+            def forward() -> None:
+                try:
+                    done(self._forward(result, owner, target, message, now))
+                except Exception as e:
+                    done(_internal(e))
+
+            blocking(forward)
+
+        if not (self.is_root and owner.uid != 0):
+
+            def here() -> None:
+                try:
+                    then(self._here(owner, target, sender, defaultdelivery, message, now))
+                except Exception as e:
+                    done(_internal(e))
+
+            blocking(here)
+            return
+        try:
+            fd = os.open(message, os.O_RDONLY)
+        except OSError:
+            done(Result("Z", "qmail-spawn unable to open message. (#4.3.0)\n"))
+            return
+        request = self._request(target, sender, defaultdelivery, now)
+
+        def replied(result: Result) -> None:
+            os.close(fd)
+            then(result)
+
+        try:
+            self.workers.send(owner.uid, owner.gid, request, fd, replied)
+        except OSError as e:
+            os.close(fd)
+            done(Result("Z", f"Unable to run qmail-local: {e.strerror or e}. (#4.3.0)\n"))
+
+    def _route(self, rcpt: str) -> Result | tuple[users.Owner, Target]:
+        """Who delivers to `rcpt`, or the result when nobody needs to."""
         local_part, at, host = rcpt.rpartition("@")
         if not at:
             return Result("D", "Sorry, address must include host name. (#5.1.3)\n")
@@ -87,27 +169,31 @@ class Deliverer:
         except UserError:
             return Result("Z", "Trouble reading users/cdb in qmail-lspawn.\n")
         target = Target(owner.user, Path(owner.home), local_part, owner.dash, owner.ext, host)
-        defaultdelivery = "".join(line + "\n" for line in self.config().defaultdelivery)
-        message = self.root.mess(msgid)
-        if self.is_root and owner.uid != 0:
-            result = self._as_user(owner, target, sender, defaultdelivery, message, now)
-        else:
-            rules = self._rules(owner)
-            if rules is None:
-                return Result("Z", "Not allowed to perform deliveries as root.\n")
-            result = qmail_local(
-                target,
-                sender,
-                defaultdelivery,
-                message,
-                forward=None,
-                durable=self.queue.durable,
-                rules=rules,
-                now=now,
-            )
-        if result.forward is None:
-            return result
-        return self._forward(result, owner, target, message, now)
+        return owner, target
+
+    def _here(
+        self,
+        owner: users.Owner,
+        target: Target,
+        sender: str,
+        defaultdelivery: str,
+        message: Path,
+        now: float,
+    ) -> Result:
+        """A delivery in this process, under this process's uid."""
+        rules = self._rules(owner)
+        if rules is None:
+            return Result("Z", "Not allowed to perform deliveries as root.\n")
+        return qmail_local(
+            target,
+            sender,
+            defaultdelivery,
+            message,
+            forward=None,
+            durable=self.queue.durable,
+            rules=rules,
+            now=now,
+        )
 
     def _rules(self, owner: users.Owner) -> Rules | None:
         """What an in-process delivery may do; None: it may not happen at all."""
@@ -143,7 +229,17 @@ class Deliverer:
             fd = os.open(message, os.O_RDONLY)
         except OSError:
             return Result("Z", "qmail-spawn unable to open message. (#4.3.0)\n")
-        request = {
+        request = self._request(target, sender, defaultdelivery, now)
+        try:
+            return self.workers.deliver(owner.uid, owner.gid, request, fd)
+        except OSError as e:
+            return Result("Z", f"Unable to run qmail-local: {e.strerror or e}. (#4.3.0)\n")
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _request(target: Target, sender: str, defaultdelivery: str, now: float) -> dict[str, Any]:
+        return {
             "user": target.user,
             "home": str(target.home),
             "local": target.local,
@@ -154,12 +250,6 @@ class Deliverer:
             "defaultdelivery": defaultdelivery,
             "now": now,
         }
-        try:
-            return self.workers.deliver(owner.uid, owner.gid, request, fd)
-        except OSError as e:
-            return Result("Z", f"Unable to run qmail-local: {e.strerror or e}. (#4.3.0)\n")
-        finally:
-            os.close(fd)
 
     def _forward(
         self, result: Result, owner: users.Owner, target: Target, message: Path, now: float
@@ -189,7 +279,7 @@ class Deliverer:
 
 
 def serve(root: QmailRoot, requests: BinaryIO, replies: BinaryIO, threads: int = 64) -> None:
-    """The child's side: deliver each request in a thread, answer as each ends."""
+    """The child's side: hand each request on at once, answer as each ends."""
     # As root, fork the fork server now, while this process has no threads.
     forks = ForkServer() if os.geteuid() == 0 else None
     durability = GroupCommit()
@@ -198,17 +288,8 @@ def serve(root: QmailRoot, requests: BinaryIO, replies: BinaryIO, threads: int =
     deliverer = Deliverer(root, queue, lambda: config[0], forks)
     write_lock = threading.Lock()
 
-    def deliver(request: dict[str, Any]) -> None:
-        try:
-            result = deliverer.deliver(
-                str(request["rcpt"]),
-                str(request["sender"]),
-                int(request["id"]),
-                float(request["now"]),
-            )
-        except Exception as e:  # our bug: defer the delivery, never lose it
-            result = Result("Z", f"Internal error in local delivery: {e!r} (#4.3.0)\n")
-        line = json.dumps({"n": request["n"], "status": result.status, "text": result.text})
+    def reply(n: object, result: Result) -> None:
+        line = json.dumps({"n": n, "status": result.status, "text": result.text})
         with write_lock:
             replies.write(line.encode() + b"\n")
             replies.flush()
@@ -219,8 +300,17 @@ def serve(root: QmailRoot, requests: BinaryIO, replies: BinaryIO, threads: int =
             if request.get("reload"):
                 config[0] = control.load(root)
                 continue
-            pool.submit(deliver, request)
-    deliverer.close()
+            deliverer.deliver_then(
+                str(request["rcpt"]),
+                str(request["sender"]),
+                int(request["id"]),
+                float(request["now"]),
+                functools.partial(reply, request["n"]),
+                pool.submit,
+            )
+        # EOF: the workers finish what they hold and answer (their forwards
+        # still need the pool), then the pool's own deliveries end.
+        deliverer.close()
     durability.close()
 
 
@@ -336,3 +426,8 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _internal(e: Exception) -> Result:
+    """Our bug: defer the delivery, never lose it."""
+    return Result("Z", f"Internal error in local delivery: {e!r} (#4.3.0)\n")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from core.dotqmail import TEMPORARY_ERRNOS
-from core.durable import Durability, FsyncEach
+from core.durable import Durability, FsyncEach, Steps, run_steps
 from core.paths import is_same_file
 from core.timefmt import mbox_date
 
@@ -81,7 +81,12 @@ def deliver_maildir(
     maildir: Path, header: bytes, message: Message, durable: Durability | None = None
 ) -> str:
     """Deliver header + the message file into `maildir`; return the new/ name."""
-    durable = durable or FsyncEach()
+    return run_steps(maildir_steps(maildir, header, message), durable or FsyncEach())
+
+
+def maildir_steps(maildir: Path, header: bytes, message: Message) -> Steps[str]:
+    """deliver_maildir as steps (durable.Steps): two sync points, the file and then
+    its name in new/."""
     # qmail-local's child chdirs to the maildir: only that failing is "Unable to
     # chdir" (a temporary errno excepted); a missing tmp/ or new/ fails later, as a
     # temporary error on maildir delivery.
@@ -111,7 +116,7 @@ def deliver_maildir(
             _copy(fd, message)
         finally:
             os.close(fd)
-        durable.sync([tmp], [])
+        yield [tmp], []
         os.link(tmp, maildir / "new" / name)
     except OSError as e:
         with contextlib.suppress(OSError):
@@ -121,7 +126,7 @@ def deliver_maildir(
         raise MailboxError("Temporary error on maildir delivery. (#4.3.0)") from e
     # The link is the delivery: make it durable before saying so.
     try:
-        durable.sync([], [maildir / "new"])
+        yield [], [maildir / "new"]
     except OSError as e:
         raise MailboxError("Temporary error on maildir delivery. (#4.3.0)") from e
     with contextlib.suppress(OSError):

@@ -60,7 +60,7 @@ from collections.abc import Generator, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from core.durable import Durability, FsyncEach, StrPath
+from core.durable import Durability, FsyncEach, StrPath, run_steps
 from core.paths import FLAT_DIRS, QMAIL_FLAT_DIRS, SPLIT, SPLIT_DIRS, QmailRoot, is_same_file
 from core.timefmt import date822
 
@@ -560,17 +560,7 @@ class Queue:
     def run_steps(self, steps: Generator[tuple[list[StrPath], list[StrPath]], None, int]) -> int:
         """Drive queue-writing steps here, with this queue's durability at each
         sync point (send.write_steps is the same on an event loop)."""
-        try:
-            files, dirs = next(steps)
-            while True:
-                try:
-                    self.durable.sync(files, dirs)
-                except OSError as e:
-                    files, dirs = steps.throw(e)
-                else:
-                    files, dirs = steps.send(None)
-        except StopIteration as done:
-            return int(done.value)
+        return run_steps(steps, self.durable)
 
     def enqueue_routed_steps(
         self,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from core.durable import FsyncEach, GroupCommit, LoopGroupCommit
+from core.durable import FsyncEach, GroupCommit, LoopGroupCommit, ThreadGroupCommit, run_steps
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -95,6 +95,66 @@ def test_the_real_syncfs_and_fsync_each_run(tmp_path: Path) -> None:
     assert gc.syncs == 1
     gc.close()
     FsyncEach().sync([f], [tmp_path])
+
+
+def test_thread_writers_are_called_back_together_by_the_syncer(tmp_path: Path) -> None:
+    """The delivery workers' group commit: writers that ask while a sync runs
+    are called back in one batch on the syncer thread after the next one, and
+    a writer that asks again from its callback waits for a sync after that."""
+    gc = GroupCommit()
+    fake = SlowSync()
+    gc._syncfs = fake
+    syncer = ThreadGroupCommit(gc)
+    heard: list[tuple[str, int, str]] = []
+    all_heard = threading.Event()
+
+    def waiter(name: str, again: bool = False):  # type: ignore[no-untyped-def]
+        def synced(error: OSError | None) -> None:
+            assert error is None
+            heard.append((name, len(fake.calls), threading.current_thread().name))
+            if again:
+                syncer.then([], [tmp_path], waiter(name + " again"))
+            if len(heard) == 12:
+                all_heard.set()
+
+        return synced
+
+    try:
+        syncer.then([], [tmp_path], waiter("first"))
+        assert fake.started.wait(5)
+        for i in range(10):
+            syncer.then([], [tmp_path], waiter(f"w{i}", again=i == 0))
+        time.sleep(0.1)
+        assert [h[0] for h in heard] == []
+        fake.release.set()
+        assert all_heard.wait(5)
+    finally:
+        fake.release.set()
+        syncer.close()
+        gc.close()
+    assert heard[0][:2] == ("first", 1)
+    assert {h[1] for h in heard[1:11]} == {2}  # the ten shared the second sync
+    assert heard[11][:2] == ("w0 again", 3)
+    assert {h[2] for h in heard} == {"syncer"}
+
+
+def test_steps_get_the_sync_error_thrown_in_where_they_asked(tmp_path: Path) -> None:
+    import errno
+
+    class Failing:
+        def sync(self, files: object, dirs: object) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+    def steps():  # type: ignore[no-untyped-def]
+        yield None  # "may block": nothing to sync
+        try:
+            yield [], [tmp_path]
+        except OSError as e:
+            return f"undone after {e.strerror}"
+        return "durable"
+
+    assert run_steps(steps(), FsyncEach()) == "durable"
+    assert run_steps(steps(), Failing()) == "undone after Input/output error"
 
 
 async def test_loop_writers_waiting_together_share_one_sync(tmp_path: Path) -> None:

@@ -89,6 +89,35 @@ def test_a_program_gets_the_message_and_qmails_environment(root: QmailRoot, serv
     server.wait_log("success: did_0+0+1/")
 
 
+def test_a_slow_program_never_holds_up_the_same_users_other_deliveries(
+    root: QmailRoot, server: Server
+) -> None:
+    """One user's deliveries share one delivery process when the core runs as
+    root: a program that takes its time must not stop the Maildir deliveries
+    behind it, nor an mbox delivery."""
+    home = make_user(root, "dave")
+    gate = home / "gate"
+    wait = f"i=0; while [ ! -e {gate} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done"
+    dotqmail(home, ".qmail-slow", f"|echo s > started; {wait}; echo f > finished\n")
+    dotqmail(home, ".qmail-box", "./mbox\n")
+    lines = root.assign.read_text().splitlines()
+    user = lines[-2].split(":")
+    lines.insert(0, f"+dave-:dave:{user[2]}:{user[3]}:{home}:-::")
+    root.assign.write_text("\n".join(lines) + "\n")
+    assert qmailtui("newu", root=root).returncode == 0
+    inject(root, "dave-slow@mx.example.org", b"Subject: slow\n\nbody\n")
+    wait_file(home / "started")
+    for i in range(5):
+        inject(root, "dave@mx.example.org", b"Subject: %d\n\nbody\n" % i)
+    inject(root, "dave-box@mx.example.org", b"Subject: box\n\nbody\n")
+    assert len(inbox(home / "Maildir", 5)) == 5
+    assert b"Subject: box" in wait_file(home / "mbox").read_bytes()
+    assert not (home / "finished").exists()
+    gate.touch()
+    wait_file(home / "finished")
+    server.wait_log("success: did_0+0+1/")
+
+
 def test_a_forward_keeps_the_sender_and_adds_delivered_to(root: QmailRoot, server: Server) -> None:
     home = make_user(root, "bob")
     carol = make_user(root, "carol")
