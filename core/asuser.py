@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import json
 import os
+import select
 import signal
 import socket
 import threading
@@ -31,8 +32,11 @@ from core.durable import GroupCommit, Steps, ThreadGroupCommit, run_steps
 from core.local import PROGRAM_TIMEOUT, Result, Rules, Target, qmail_local_steps
 
 RECORD_MAX = 1 << 20
+SWEEP = 60.0  # seconds between looks for deliveries a worker has held too long
 IDLE_EXIT = 300.0  # a worker without work this long is told to exit
 CRASHED = Result("Z", "qmail-local crashed. (#4.3.0)\n")
+HUNG = PROGRAM_TIMEOUT + 600.0  # seconds a worker may hold a delivery
+TIMED_OUT = Result("Z", "Timeout waiting for the delivery process. (#4.3.0)\n")
 
 
 class ForkServer:
@@ -130,7 +134,7 @@ class Worker:
         self.uid, self.gid = uid, gid
         self.sock, self.pid = forks.spawn(uid, gid)
         self._send_lock = threading.Lock()
-        self._pending: dict[int, Replied] = {}
+        self._pending: dict[int, tuple[Replied, float]] = {}  # n -> (callback, deadline)
         self._numbers = itertools.count(1)
         self._on_exit = on_exit
         self.busy = 0
@@ -143,7 +147,7 @@ class Worker:
         """Hand a delivery over; `replied(result)` runs on this worker's reader
         thread when it is done (CRASHED if the worker dies first)."""
         n = next(self._numbers)
-        self._pending[n] = replied
+        self._pending[n] = (replied, time.monotonic() + HUNG)
         try:
             with self._send_lock:
                 socket.send_fds(self.sock, [json.dumps({**request, "n": n}).encode()], [message_fd])
@@ -152,7 +156,12 @@ class Worker:
                 replied(CRASHED)
 
     def _read(self) -> None:
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
         while True:
+            if not poller.poll(SWEEP * 1000):
+                self._sweep()
+                continue
             try:
                 data = self.sock.recv(RECORD_MAX)
             except OSError:
@@ -160,10 +169,10 @@ class Worker:
             if not data:
                 break
             reply = json.loads(data)
-            replied = self._pending.pop(int(reply["n"]), None)
-            if replied is not None:
+            entry = self._pending.pop(int(reply["n"]), None)
+            if entry is not None:
                 forward = reply.get("forward")
-                replied(
+                entry[0](
                     Result(
                         str(reply["status"]),
                         str(reply["text"]),
@@ -172,10 +181,18 @@ class Worker:
                 )
         self.alive = False
         while self._pending:
-            _, replied = self._pending.popitem()
+            _, (replied, _) = self._pending.popitem()
             replied(CRASHED)
         self.sock.close()
         self._on_exit(self)
+
+    def _sweep(self) -> None:
+        """Defer what a worker has held past any program's time limit (stuck on a
+        dead NFS mount, say): its slot is given back; a late answer is dropped."""
+        now = time.monotonic()
+        for n, (replied, deadline) in list(self._pending.items()):
+            if deadline < now and self._pending.pop(n, None) is not None:
+                replied(TIMED_OUT)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -226,9 +243,10 @@ class UserWorkers:
             finished.set()
 
         self.send(uid, gid, request, message_fd, replied)
-        if not finished.wait(PROGRAM_TIMEOUT + 600):
-            return Result("Z", "Timeout waiting for the delivery process. (#4.3.0)\n")
-        return slot[0]
+        finished.wait(HUNG + 2 * SWEEP)  # the reader's sweep answers by then
+        return (
+            slot[0] if slot else Result("Z", "Timeout waiting for the delivery process. (#4.3.0)\n")
+        )
 
     def _gone(self, worker: Worker) -> None:
         with self._lock:

@@ -172,3 +172,57 @@ def test_an_unprivileged_core_runs_programs_only_for_its_own_uid(root: QmailRoot
     rules = deliverer._rules(alias)
     assert rules is not None
     assert (rules.confine, rules.programs) == (True, False)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="workers for another uid need root")
+def test_a_delivery_a_worker_holds_too_long_is_deferred_and_its_slot_freed(
+    root: QmailRoot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker stuck in a delivery (a dead NFS mount, say) must not hold the
+    delivery forever: past the time limit it is deferred, and a late answer
+    is dropped."""
+    import threading
+
+    from core import asuser
+    from core.local import Result
+
+    monkeypatch.setattr(asuser, "HUNG", 0.5)
+    monkeypatch.setattr(asuser, "SWEEP", 0.1)
+    home = make_user(root, "dora")
+    gate = home / "gate"
+    wait = f"i=0; while [ ! -e {gate} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done"
+    (home / ".qmail").write_text(f"|{wait}\n")
+    os.chown(home / ".qmail", 65534, 65534)
+    msgid = queued(root, "dora@mx.example.org")
+    request = {
+        "user": "dora",
+        "home": str(home),
+        "local": "dora",
+        "dash": "",
+        "ext": "",
+        "host": "mx.example.org",
+        "sender": "a@b.test",
+        "defaultdelivery": "./Maildir/\n",
+        "now": time.time(),
+    }
+    workers = asuser.UserWorkers(asuser.ForkServer())
+    heard: list[Result] = []
+    answered = threading.Event()
+
+    def replied(result: Result) -> None:
+        heard.append(result)
+        answered.set()
+
+    fd = os.open(root.mess(msgid), os.O_RDONLY)
+    try:
+        started = time.monotonic()
+        workers.send(65534, 65534, request, fd, replied)
+        assert answered.wait(5)
+        assert heard == [asuser.TIMED_OUT]
+        assert time.monotonic() - started >= 0.5
+        gate.touch()  # the program ends; its late answer goes nowhere
+        assert workers.deliver(65534, 65534, request, fd).status == "K"
+        assert len(heard) == 1
+    finally:
+        os.close(fd)
+        workers.close()
