@@ -15,6 +15,7 @@ the message descriptor.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -28,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from core.durable import GroupCommit, Steps, ThreadGroupCommit, run_steps
+from core.durable import GroupCommit, ThreadGroupCommit, drive_steps
 from core.local import PROGRAM_TIMEOUT, Result, Rules, Target, qmail_local_steps
 
 RECORD_MAX = 1 << 20
@@ -270,12 +271,12 @@ class UserWorkers:
 def serve(sock: socket.socket) -> None:
     """Deliver each request, as this process's uid, until lspawn hangs up.
 
-    A delivery runs as steps (local.qmail_local_steps): this thread takes each
-    up to its first sync point, and the syncer thread takes it on after each
-    syncfs, for the whole batch at once. A step that may block for long (an
-    mbox lock, a program, both up to qmail's limits) goes on in a pool thread.
-    One thread per delivery, each waking on its own after every syncfs, cost
-    about 200 futex calls a delivery in GIL hand-offs.
+    A delivery runs as steps (local.qmail_local_steps, durable.drive_steps):
+    this thread takes each up to its first sync point, and the syncer thread
+    takes it on after each syncfs, for the whole batch at once. A step that may
+    block for long (an mbox lock, a program, both up to qmail's limits) goes on
+    in a pool thread. One thread per delivery, each waking on its own after
+    every syncfs, cost about 200 futex calls a delivery in GIL hand-offs.
     """
     durable = GroupCommit()
     syncer = ThreadGroupCommit(durable)
@@ -295,28 +296,8 @@ def serve(sock: socket.socket) -> None:
             count[0] -= 1
             running.notify_all()
 
-    def advance(
-        request: dict[str, Any], fd: int, steps: Steps[Result], error: OSError | None
-    ) -> None:
-        try:
-            step = steps.send(None) if error is None else steps.throw(error)
-        except StopIteration as stop:
-            finish(request, fd, stop.value)
-            return
-        except Exception as e:  # our bug: defer, never lose the message
-            finish(request, fd, _internal(e))
-            return
-        if step is None:
-            pool.submit(block, request, fd, steps)
-        else:
-            syncer.then(*step, lambda err: advance(request, fd, steps, err))
-
-    def block(request: dict[str, Any], fd: int, steps: Steps[Result]) -> None:
-        try:
-            result = run_steps(steps, durable)
-        except Exception as e:
-            result = _internal(e)
-        finish(request, fd, result)
+    def delivered(request: dict[str, Any], fd: int, result: Result | None, error: object) -> None:
+        finish(request, fd, result if result is not None else _internal(error))
 
     while True:
         data, fds, _, _ = socket.recv_fds(sock, RECORD_MAX, 1)
@@ -351,7 +332,7 @@ def serve(sock: socket.socket) -> None:
         except Exception as e:
             finish(request, fds[0], _internal(e))
             continue
-        advance(request, fds[0], steps, None)
+        drive_steps(steps, syncer, functools.partial(delivered, request, fds[0]), pool.submit)
     with running:
         running.wait_for(lambda: count[0] == 0)
     pool.shutdown()
@@ -359,5 +340,5 @@ def serve(sock: socket.socket) -> None:
     durable.close()
 
 
-def _internal(e: Exception) -> Result:
+def _internal(e: object) -> Result:
     return Result("Z", f"Internal error in local delivery: {e!r} (#4.3.0)\n")

@@ -228,6 +228,7 @@ class ThreadGroupCommit:
         wake: Callable[[list[Waiter], OSError | None], None] | None = None,
     ) -> None:
         self._fallback = fallback  # no syncfs here: fsync each file, in the thread
+        self.durable: Durability = fallback  # for a writer that syncs on its own thread
         self._wake = wake or _call_back
         self._cond = threading.Condition()
         self._waiting: list[Waiter] = []
@@ -271,6 +272,52 @@ class ThreadGroupCommit:
             self._closed = True
             self._cond.notify()
         self._thread.join(60)
+
+
+Done = Callable[[Any, BaseException | None], None]
+
+
+def drive_steps(
+    steps: Steps[Any],
+    syncer: ThreadGroupCommit,
+    done: Done,
+    blocking: Callable[[Callable[[], None]], object] | None = None,
+) -> None:
+    """Run `steps` to their end without a thread of their own: up to each sync
+    point here, and on from it wherever `syncer` calls back. A step that may
+    block for long (None) goes on through `blocking` (a thread pool's submit),
+    syncing there as run_steps does. `done(value, None)` at the end, or
+    `done(None, error)` with what the steps raised.
+
+    A thread per writer, blocked in GroupCommit.sync, costs a futex hand-off
+    and a turn at the GIL per writer after every syncfs; this costs one per
+    batch."""
+
+    def advance(error: OSError | None) -> None:
+        try:
+            step = steps.send(None) if error is None else steps.throw(error)
+        except StopIteration as stop:
+            done(stop.value, None)
+            return
+        except Exception as e:
+            done(None, e)
+            return
+        if step is not None:
+            syncer.then(*step, advance)
+        elif blocking is None:
+            advance(None)
+        else:
+            blocking(in_thread)
+
+    def in_thread() -> None:
+        try:
+            value = run_steps(steps, syncer.durable)
+        except Exception as e:
+            done(None, e)
+            return
+        done(value, None)
+
+    advance(None)
 
 
 def _call_back(batch: list[Waiter], error: OSError | None) -> None:

@@ -29,10 +29,10 @@ from typing import Any, BinaryIO
 
 from core import control, users
 from core.asuser import ForkServer, UserWorkers
-from core.durable import GroupCommit
+from core.durable import GroupCommit, ThreadGroupCommit, drive_steps
 from core.errors import UserError
 from core.getpw import getpw
-from core.local import Result, Rules, Target, qmail_local
+from core.local import Result, Rules, Target, qmail_local, qmail_local_steps
 from core.paths import QmailRoot
 from core.queue import Queue, QueueError
 
@@ -70,8 +70,10 @@ class Deliverer:
         queue: Queue,
         config: Callable[[], control.Config],
         forks: ForkServer | None = None,
+        syncer: ThreadGroupCommit | None = None,
     ) -> None:
         self.root = root
+        self.syncer = syncer  # for deliveries in this process without a thread each
         self.queue = queue
         self.config = config
         self.workers = UserWorkers(forks)
@@ -131,14 +133,25 @@ class Deliverer:
             blocking(forward)
 
         if not (self.is_root and owner.uid != 0):
+            rules = self._rules(owner)
+            if rules is None or self.syncer is None:
 
-            def here() -> None:
-                try:
-                    then(self._here(owner, target, sender, defaultdelivery, message, now))
-                except Exception as e:
-                    done(_internal(e))
+                def here() -> None:
+                    try:
+                        then(self._here(owner, target, sender, defaultdelivery, message, now))
+                    except Exception as e:
+                        done(_internal(e))
 
-            blocking(here)
+                blocking(here)
+                return
+            steps = qmail_local_steps(
+                target, sender, defaultdelivery, message, forward=None, rules=rules, now=now
+            )
+
+            def delivered(result: Result | None, error: BaseException | None) -> None:
+                then(result if result is not None else _internal(error))
+
+            drive_steps(steps, self.syncer, delivered, blocking)
             return
         try:
             fd = os.open(message, os.O_RDONLY)
@@ -283,9 +296,10 @@ def serve(root: QmailRoot, requests: BinaryIO, replies: BinaryIO, threads: int =
     # As root, fork the fork server now, while this process has no threads.
     forks = ForkServer() if os.geteuid() == 0 else None
     durability = GroupCommit()
+    syncer = ThreadGroupCommit(durability)
     queue = Queue(root, durability=durability)  # forwards are queued through todo/
     config = [control.load(root)]
-    deliverer = Deliverer(root, queue, lambda: config[0], forks)
+    deliverer = Deliverer(root, queue, lambda: config[0], forks, syncer)
     write_lock = threading.Lock()
 
     def reply(n: object, result: Result) -> None:
@@ -311,6 +325,7 @@ def serve(root: QmailRoot, requests: BinaryIO, replies: BinaryIO, threads: int =
         # EOF: the workers finish what they hold and answer (their forwards
         # still need the pool), then the pool's own deliveries end.
         deliverer.close()
+    syncer.close()  # after the pool: a blocking step may still have queued a sync
     durability.close()
 
 
@@ -428,6 +443,6 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-def _internal(e: Exception) -> Result:
+def _internal(e: object) -> Result:
     """Our bug: defer the delivery, never lose it."""
     return Result("Z", f"Internal error in local delivery: {e!r} (#4.3.0)\n")

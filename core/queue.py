@@ -559,7 +559,7 @@ class Queue:
 
     def run_steps(self, steps: Generator[tuple[list[StrPath], list[StrPath]], None, int]) -> int:
         """Drive queue-writing steps here, with this queue's durability at each
-        sync point (send.write_steps is the same on an event loop)."""
+        sync point (durable.drive_steps is the same without blocking)."""
         return run_steps(steps, self.durable)
 
     def enqueue_routed_steps(

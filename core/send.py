@@ -35,7 +35,7 @@ from core import bounce as bounces
 from core import retry
 from core.clock import Clock
 from core.control import Config
-from core.durable import LoopGroupCommit, StrPath
+from core.durable import LoopGroupCommit, StrPath, drive_steps
 from core.events import Events
 from core.local import Result
 from core.log import Log, safe
@@ -160,30 +160,6 @@ async def _no_remote(recipients: list[str], sender: str, msgid: int, now: float)
 
 
 Written = Callable[[int | None, BaseException | None], None]
-
-
-def write_steps(
-    steps: Generator[tuple[list[StrPath], list[StrPath]], None, int],
-    syncer: LoopGroupCommit,
-    done: Written,
-) -> None:
-    """Run queue-writing steps on the event loop, going on at each sync point
-    when the group commit calls back (file operations take microseconds; a hop
-    to a worker thread and back cost more, and so does a task woken through a
-    future: a loop iteration per sync). `done(msgid, None)` at the end, or
-    `done(None, error)` with the queue's error, everything undone."""
-
-    def advance(error: OSError | None) -> None:
-        try:
-            files, dirs = steps.send(None) if error is None else steps.throw(error)
-        except StopIteration as stop:
-            done(int(stop.value), None)
-        except Exception as e:
-            done(None, e)
-        else:
-            syncer.then(files, dirs, advance)
-
-    advance(None)
 
 
 class Send:
@@ -524,7 +500,10 @@ class Send:
                     raise
             done(msgid, error)
 
-        write_steps(steps, self.syncer, written)
+        # File operations take microseconds: on the loop, going on at each sync
+        # point when the group commit calls back (no task: no loop iteration
+        # lost per sync point, nor a hop to a worker thread and back).
+        drive_steps(steps, self.syncer, written)
 
     def _routed(
         self, message: bytes, sender: str, recipients: list[str], invoked: str

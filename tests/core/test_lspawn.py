@@ -39,6 +39,29 @@ async def test_the_child_delivers_and_reports_like_qmail_local(root: QmailRoot) 
     assert lost == []
 
 
+async def test_deliveries_in_lspawn_itself_mix_maildir_mbox_and_forward(root: QmailRoot) -> None:
+    """The alias user's deliveries (or all of an unprivileged core's) run in
+    lspawn: a Maildir line goes through its group commit, an mbox line through
+    a thread, a forward is queued; many at once each get their own answer."""
+    (root.alias / ".qmail-team").write_text("./Maildir/\n./team.mbox\n&someone@elsewhere.test\n")
+    spawner = LocalSpawner(root, lambda why: None)
+    try:
+        results = await asyncio.gather(
+            *(
+                spawner.deliver("team@mx.example.org", "a@b.test", queued(root, f"t{i}"), 0.0)
+                for i in range(8)
+            )
+        )
+    finally:
+        await spawner.close()
+    for result in results:
+        assert result.status == "K", result.text
+        assert re.fullmatch(r"did 2\+1\+0\nqp \d+\n", result.text)
+    assert len({r.text for r in results}) == 8  # eight forwards, eight queued messages
+    assert len(list((root.alias / "Maildir/new").iterdir())) == 8
+    assert (root.alias / "team.mbox").read_bytes().count(b"\nFrom ") == 7
+
+
 async def test_many_deliveries_at_once_each_get_their_own_answer(root: QmailRoot) -> None:
     make_user(root, "bob")
     spawner = LocalSpawner(root, lambda why: None)
