@@ -80,19 +80,17 @@ class Deliverer:
         self.is_root = os.geteuid() == 0
 
     def deliver(self, rcpt: str, sender: str, msgid: int, now: float) -> Result:
-        routed = self._route(rcpt)
-        if isinstance(routed, Result):
-            return routed
-        owner, target = routed
-        defaultdelivery = "".join(line + "\n" for line in self.config().defaultdelivery)
-        message = self.root.mess(msgid)
-        if self.is_root and owner.uid != 0:
-            result = self._as_user(owner, target, sender, defaultdelivery, message, now)
-        else:
-            result = self._here(owner, target, sender, defaultdelivery, message, now)
-        if result.forward is None:
-            return result
-        return self._forward(result, owner, target, message, now)
+        """deliver_then, waiting here for the result (no core: the command line)."""
+        slot: list[Result] = []
+        finished = threading.Event()
+
+        def done(result: Result) -> None:
+            slot.append(result)
+            finished.set()
+
+        self.deliver_then(rcpt, sender, msgid, now, done, lambda step: step())
+        finished.wait()  # a worker's reader answers every delivery, in time (asuser.HUNG)
+        return slot[0]
 
     def deliver_then(
         self,
@@ -228,27 +226,6 @@ class Deliverer:
             why_no_programs=f"Unable to run programs as uid {owner.uid}: this core runs as"
             f" uid {os.getuid()} and is not root. (#4.3.0)",
         )
-
-    def _as_user(
-        self,
-        owner: users.Owner,
-        target: Target,
-        sender: str,
-        defaultdelivery: str,
-        message: Path,
-        now: float,
-    ) -> Result:
-        try:
-            fd = os.open(message, os.O_RDONLY)
-        except OSError:
-            return Result("Z", "qmail-spawn unable to open message. (#4.3.0)\n")
-        request = self._request(target, sender, defaultdelivery, now)
-        try:
-            return self.workers.deliver(owner.uid, owner.gid, request, fd)
-        except OSError as e:
-            return Result("Z", f"Unable to run qmail-local: {e.strerror or e}. (#4.3.0)\n")
-        finally:
-            os.close(fd)
 
     @staticmethod
     def _request(target: Target, sender: str, defaultdelivery: str, now: float) -> dict[str, Any]:

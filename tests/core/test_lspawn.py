@@ -249,3 +249,20 @@ def test_a_delivery_a_worker_holds_too_long_is_deferred_and_its_slot_freed(
     finally:
         os.close(fd)
         workers.close()
+
+
+def test_the_blocking_deliver_of_the_command_line_answers_in_place(root: QmailRoot) -> None:
+    """No core, no lspawn process: Deliverer.deliver runs the same path and waits."""
+    from core import control
+    from core.lspawn import Deliverer
+
+    (root.alias / ".qmail-box").write_text("./Maildir/\n./box.mbox\n")
+    deliverer = Deliverer(root, Queue(root), lambda: control.load(root))
+    try:
+        result = deliverer.deliver("box@mx.example.org", "a@b.test", queued(root, "b"), 0.0)
+        missing = deliverer.deliver("no-such@mx.example.org", "a@b.test", queued(root, "n"), 0.0)
+    finally:
+        deliverer.close()
+    assert (result.status, result.text) == ("K", "did 2+0+0\n")
+    assert len(list((root.alias / "Maildir/new").iterdir())) == 1
+    assert missing.status == "D"
