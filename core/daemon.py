@@ -14,7 +14,7 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from core import control, users
 from core.clock import Clock, SystemClock
@@ -323,6 +323,7 @@ class Core:
         self.service.resolver = self.resolver_address
         self.service.remote = self.remote
         self.service.reloader = self.reload
+        self.service.listeners = self._listeners
         sock = ControlSocket(self.root.control_socket, self.service, self.control_group)
         trigger = self._listen_trigger(loop)
         handled = self._signals(loop)
@@ -360,6 +361,12 @@ class Core:
             syncer.close()
             durability.close()
             self.log.close()
+
+    def _listeners(self) -> dict[str, Any]:
+        return {
+            "smtp": self.smtp.status() if self.smtp is not None else None,
+            "pop3": self.pop3.status() if self.pop3 is not None else None,
+        }
 
     async def _start_smtp_late(self) -> None:
         try:

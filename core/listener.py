@@ -63,6 +63,9 @@ class Connection(asyncio.BufferedProtocol):
 C = TypeVar("C", bound=Connection)
 
 
+BUSIEST = 5  # client addresses a listener's status names
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     connections: int = 40
@@ -104,6 +107,9 @@ class Listening(Generic[C]):
     def __init__(self) -> None:
         self.sessions = 0
         self.per_ip: dict[str, int] = {}
+        self.address = ""  # HOST:PORT, once listening
+        self.accepted = 0  # connections counted in since the start
+        self.refused = 0  # connections turned away by the limits
         self._server: asyncio.Server | None = None
         self._connections: set[C] = set()
 
@@ -119,7 +125,23 @@ class Listening(Generic[C]):
             self.connection, host, port, backlog=self.backlog, reuse_address=True
         )
         sockname = self._server.sockets[0].getsockname()
+        self.address = f"{sockname[0]}:{sockname[1]}"
         return str(sockname[0]), int(sockname[1])
+
+    def status(self) -> dict[str, Any]:
+        """What the console shows of this listener: its sessions against the
+        limits, and the addresses holding the most of them."""
+        limits = self.limits()
+        busiest = sorted(self.per_ip.items(), key=lambda item: (-item[1], item[0]))[:BUSIEST]
+        return {
+            "address": self.address,
+            "sessions": self.sessions,
+            "max": limits.connections,
+            "per_ip_max": limits.per_ip,
+            "accepted": self.accepted,
+            "refused": self.refused,
+            "busiest": [{"ip": ip, "sessions": n} for ip, n in busiest],
+        }
 
     async def close(self) -> None:
         if self._server is not None:
@@ -144,9 +166,12 @@ class Listening(Generic[C]):
     def count_in(self, ip: str) -> bytes | None:
         limits = self.limits()
         if self.sessions >= limits.connections:
+            self.refused += 1
             return self.too_many
         if self.per_ip.get(ip, 0) >= limits.per_ip:
+            self.refused += 1
             return self.too_many_from_you
+        self.accepted += 1
         self.sessions += 1
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         return None

@@ -71,6 +71,8 @@ class Service:
         # The running core's reload (HUP's), and how the last one went; None offline.
         self.reloader: Callable[[], list[Problem]] | None = None
         self.last_reload: dict[str, Any] = {"at": None, "ok": True, "problems": []}
+        # The running core's listeners, SMTP and POP3, each its status or None (off).
+        self.listeners: Callable[[], dict[str, Any]] = dict
 
     async def handle(self, op: str, args: dict[str, Any]) -> Any:
         if op in ACTIONS:  # `retry` and the rest, as ops of their own: `act` named for you
@@ -298,6 +300,7 @@ class Service:
                 for channel in ("local", "remote")
             },
             "config": self.last_reload,
+            "listeners": self.listeners(),
         }
 
     async def op_reload(self, args: dict[str, Any]) -> dict[str, Any]:

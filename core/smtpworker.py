@@ -189,7 +189,16 @@ class SmtpWorkers(SmtpServer):
         self._listen = listen
         asyncio.get_running_loop().add_reader(listen.fileno(), self._accept)
         name = listen.getsockname()
+        self.address = f"{name[0]}:{name[1]}"
         return str(name[0]), int(name[1])
+
+    def status(self) -> dict[str, Any]:
+        """Listening.status, and each worker process with its sessions."""
+        workers = [
+            {"pid": w.proc.pid, "sessions": len(w.connections), "alive": w.alive}
+            for w in self.workers
+        ]
+        return {**super().status(), "workers": workers}
 
     async def _spawn(self) -> _Worker:
         loop = asyncio.get_running_loop()
@@ -280,6 +289,8 @@ class SmtpWorkers(SmtpServer):
             if worker is None:  # no worker alive, or every one is behind: busy
                 self.log(f"alert: no SMTP worker took the connection from {ip}; said 421")
                 self.count_out(ip)
+                self.accepted -= 1  # counted in, then turned away after all
+                self.refused += 1
                 conn.setblocking(False)
                 with contextlib.suppress(OSError):
                     conn.send(self.too_many)

@@ -927,6 +927,35 @@ def test_the_connection_limits_count_across_workers(root: QmailRoot) -> None:
             quit_then_admitted(first, running.port)
 
 
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-core", "2-workers"])
+def test_the_snapshot_shows_the_listeners_sessions_against_their_limits(
+    root: QmailRoot, workers: int
+) -> None:
+    """What a console shows of the SMTP listener: sessions, limits, who holds
+    them, and how many were turned away; with workers, each one's share."""
+    root.control_file("concurrencyincoming").write_text("3\n")
+    with serving(root, workers=workers) as running:
+        with greeted(running.port), greeted(running.port), greeted(running.port):
+            with Raw(running.port) as fourth:
+                assert fourth.reply().startswith(b"421 ")
+                fourth.assert_closed()
+            done = qmailtui("snapshot", root=root)
+            assert done.returncode == 0, done.stderr
+            listeners = json.loads(done.stdout)["listeners"]
+        assert listeners["pop3"] is None  # --pop3 off
+        smtp_status = listeners["smtp"]
+        assert smtp_status["address"] == f"127.0.0.1:{running.port}"
+        assert (smtp_status["sessions"], smtp_status["max"]) == (3, 3)
+        assert (smtp_status["accepted"], smtp_status["refused"]) == (3, 1)
+        assert smtp_status["busiest"] == [{"ip": "127.0.0.1", "sessions": 3}]
+        if workers:
+            shares = smtp_status["workers"]
+            assert sorted(w["pid"] for w in shares) == smtp_workers(running.proc.pid)
+            assert sum(w["sessions"] for w in shares) == 3
+        else:
+            assert "workers" not in smtp_status
+
+
 def test_a_worker_that_dies_is_replaced_and_its_clients_are_counted_out(
     root: QmailRoot,
 ) -> None:
