@@ -278,12 +278,17 @@ def serve(root: QmailRoot, requests: BinaryIO, replies: BinaryIO, threads: int =
     config = [control.load(root)]
     deliverer = Deliverer(root, queue, lambda: config[0], forks, syncer)
     write_lock = threading.Lock()
+    running = threading.Condition()
+    count = [0]  # deliveries handed on and not answered yet
 
     def reply(n: object, result: Result) -> None:
         line = json.dumps({"n": n, "status": result.status, "text": result.text})
-        with write_lock:
+        with write_lock, contextlib.suppress(OSError, ValueError):  # the core is gone
             replies.write(line.encode() + b"\n")
             replies.flush()
+        with running:
+            count[0] -= 1
+            running.notify_all()
 
     with ThreadPoolExecutor(threads, thread_name_prefix="lspawn") as pool:
         for raw in requests:
@@ -291,6 +296,8 @@ def serve(root: QmailRoot, requests: BinaryIO, replies: BinaryIO, threads: int =
             if request.get("reload"):
                 config[0] = control.load(root)
                 continue
+            with running:
+                count[0] += 1
             deliverer.deliver_then(
                 str(request["rcpt"]),
                 str(request["sender"]),
@@ -299,10 +306,13 @@ def serve(root: QmailRoot, requests: BinaryIO, replies: BinaryIO, threads: int =
                 functools.partial(reply, request["n"]),
                 pool.submit,
             )
-        # EOF: the workers finish what they hold and answer (their forwards
-        # still need the pool), then the pool's own deliveries end.
+        # EOF: every delivery handed on is answered first (one between two
+        # sync points is neither in the pool nor in a worker), and only then
+        # do the workers and the pool go.
+        with running:
+            running.wait_for(lambda: count[0] == 0)
         deliverer.close()
-    syncer.close()  # after the pool: a blocking step may still have queued a sync
+    syncer.close()
     durability.close()
 
 

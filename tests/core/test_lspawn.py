@@ -62,6 +62,25 @@ async def test_deliveries_in_lspawn_itself_mix_maildir_mbox_and_forward(root: Qm
     assert (root.alias / "team.mbox").read_bytes().count(b"\nFrom ") == 7
 
 
+async def test_lspawn_answers_every_delivery_it_holds_before_it_exits(root: QmailRoot) -> None:
+    """Its input closed while deliveries are between two sync points (neither
+    in a worker nor in the pool): each is still carried out and answered."""
+    (root.alias / ".qmail-late").write_text("./Maildir/\n./late.mbox\n")
+    spawner = LocalSpawner(root, lambda why: None)
+    await spawner.start()
+    tasks = [
+        asyncio.ensure_future(
+            spawner.deliver("late@mx.example.org", "a@b.test", queued(root, f"l{i}"), 0.0)
+        )
+        for i in range(8)
+    ]
+    await asyncio.sleep(0)  # every request written
+    await spawner.close()
+    results = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    assert [(r.status, r.text) for r in results] == [("K", "did 2+0+0\n")] * 8
+    assert (root.alias / "late.mbox").read_bytes().count(b"\nFrom ") == 7
+
+
 async def test_many_deliveries_at_once_each_get_their_own_answer(root: QmailRoot) -> None:
     make_user(root, "bob")
     spawner = LocalSpawner(root, lambda why: None)
