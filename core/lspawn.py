@@ -103,16 +103,34 @@ class Deliverer:
     ) -> None:
         """deliver, calling `done(result)` back. A delivery as another user is
         handed to its worker at once and answered from the worker's reader
-        thread; what blocks here (a delivery in this process, queueing a
-        forward) is run through `blocking` (a thread pool's submit)."""
-        try:
-            routed = self._route(rcpt)
-        except Exception as e:
-            done(_internal(e))
-            return
-        if isinstance(routed, Result):
-            done(routed)
-            return
+        thread; what may block (a delivery in this process, queueing a forward,
+        the password database, which NSS may ask over the network) is run
+        through `blocking` (a thread pool's submit)."""
+
+        def route(passwd: bool) -> None:
+            try:
+                routed = self._route(rcpt, passwd)
+            except Exception as e:
+                done(_internal(e))
+                return
+            if routed is None:
+                blocking(lambda: route(True))
+            elif isinstance(routed, Result):
+                done(routed)
+            else:
+                self._start(routed, sender, msgid, now, done, blocking)
+
+        route(False)
+
+    def _start(
+        self,
+        routed: tuple[users.Owner, Target],
+        sender: str,
+        msgid: int,
+        now: float,
+        done: Callable[[Result], None],
+        blocking: Callable[[Callable[[], None]], object],
+    ) -> None:
         owner, target = routed
         defaultdelivery = "".join(line + "\n" for line in self.config().defaultdelivery)
         message = self.root.mess(msgid)
@@ -168,14 +186,17 @@ class Deliverer:
             os.close(fd)
             done(Result("Z", f"Unable to run qmail-local: {e.strerror or e}. (#4.3.0)\n"))
 
-    def _route(self, rcpt: str) -> Result | tuple[users.Owner, Target]:
-        """Who delivers to `rcpt`, or the result when nobody needs to."""
+    def _route(self, rcpt: str, passwd: bool = True) -> Result | tuple[users.Owner, Target] | None:
+        """Who delivers to `rcpt`, or the result when nobody needs to; None when
+        finding out needs the password database and `passwd` is False."""
         local_part, at, host = rcpt.rpartition("@")
         if not at:
             return Result("D", "Sorry, address must include host name. (#5.1.3)\n")
         if not local_part:
             return Result("K", "")  # a trash address, as qmail-lspawn has it
         try:
+            if not passwd and self.is_root and users.lookup(self.root, local_part) is None:
+                return None
             owner = find_owner(self.root, local_part, self.is_root)
         except UserError:
             return Result("Z", "Trouble reading users/cdb in qmail-lspawn.\n")

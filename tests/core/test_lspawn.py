@@ -285,3 +285,59 @@ def test_the_blocking_deliver_of_the_command_line_answers_in_place(root: QmailRo
     assert (result.status, result.text) == ("K", "did 2+0+0\n")
     assert len(list((root.alias / "Maildir/new").iterdir())) == 1
     assert missing.status == "D"
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="the password database is asked only as root")
+def test_a_slow_password_database_never_holds_up_other_deliveries(
+    root: QmailRoot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """users/assign is read where a delivery is handed on; an address it does
+    not know goes to the password database in a pool thread, since NSS may
+    ask a directory server over the network."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from core import control, lspawn
+    from core.asuser import ForkServer
+    from core.durable import GroupCommit, ThreadGroupCommit
+    from core.local import Result
+
+    asked, release = threading.Event(), threading.Event()
+
+    def slow_getpw(name: str) -> None:
+        asked.set()
+        release.wait(10)
+
+    monkeypatch.setattr(lspawn, "getpw", slow_getpw)
+    home = make_user(root, "fast")
+    forks = ForkServer()
+    group = GroupCommit()
+    syncer = ThreadGroupCommit(group)
+    deliverer = lspawn.Deliverer(root, Queue(root), lambda: control.load(root), forks, syncer)
+    results: dict[str, Result] = {}
+    answered = {"slow": threading.Event(), "fast": threading.Event()}
+
+    def done(key: str):  # type: ignore[no-untyped-def]
+        def record(result: Result) -> None:
+            results[key] = result
+            answered[key].set()
+
+        return record
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            slow, fast = queued(root, "s"), queued(root, "f")
+            deliverer.deliver_then("sys@x.test", "a@b.test", slow, 0.0, done("slow"), pool.submit)
+            assert asked.wait(5)
+            deliverer.deliver_then("fast@x.test", "a@b.test", fast, 0.0, done("fast"), pool.submit)
+            assert answered["fast"].wait(5)
+            assert results["fast"].status == "K"
+            assert not answered["slow"].is_set()
+            release.set()
+            assert answered["slow"].wait(5)
+    finally:
+        release.set()
+        deliverer.close()
+        syncer.close()
+        group.close()
+    assert len(list((home / "Maildir/new").iterdir())) == 1
