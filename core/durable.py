@@ -13,6 +13,11 @@ files and directory entries survive a crash.
   one syncfs cost ~60 us a file. A writer whose sync is asked for while
   another is running waits for the next one, which starts after its writes:
   nobody is told "durable" by a sync that began before its write.
+- `ThreadGroupCommit` (and `LoopGroupCommit`, its event-loop form) calls
+  writers back instead of waking a blocked thread each. A writer is then a
+  generator of sync points (`Steps`: the queue's enqueue, a Maildir
+  delivery), which `drive_steps` runs with no thread of its own and
+  `run_steps` runs blocking: the same code either way.
 """
 
 from __future__ import annotations
