@@ -654,29 +654,37 @@ class Send:
             while queue and self.active[channel] < self.limit(channel) and not self._stopping:
                 job = queue.popleft()
                 self.active[channel] += 1
-                self._spawn(self._run_job(job))
+                numbers = None if job.message.removed else self._announce(job)
+                self._spawn(self._run_job(job, numbers))
 
-    async def _run_job(self, job: Job) -> None:
+    def _announce(self, job: Job) -> list[int]:
+        """Number the job's deliveries and log their start, each job's with the
+        status that counts it and not the ones started after it, as qmail-send's
+        `status: local 1/10` follows its first `starting delivery`."""
         message, channel = job.message, job.pass_.channel
         numbers = []
+        for recipient in job.recipients:
+            self._delivery_numbers += 1
+            numbers.append(self._delivery_numbers)
+            self.log.line(
+                f"starting delivery {self._delivery_numbers}: msg {message.id} to {channel}"
+                f" {safe(recipient.address)}"
+            )
+            self.events.publish(
+                "delivery-started",
+                number=self._delivery_numbers,
+                id=message.id,
+                channel=channel,
+                recipient=recipient.address,
+            )
+        self._log_status()
+        return numbers
+
+    async def _run_job(self, job: Job, numbers: list[int] | None) -> None:
+        message, channel = job.message, job.pass_.channel
         try:
-            if message.removed:
+            if numbers is None:  # removed while it waited for a slot
                 return
-            for recipient in job.recipients:
-                self._delivery_numbers += 1
-                numbers.append(self._delivery_numbers)
-                self.log.line(
-                    f"starting delivery {self._delivery_numbers}: msg {message.id} to {channel}"
-                    f" {safe(recipient.address)}"
-                )
-                self.events.publish(
-                    "delivery-started",
-                    number=self._delivery_numbers,
-                    id=message.id,
-                    channel=channel,
-                    recipient=recipient.address,
-                )
-            self._log_status()
             try:
                 outcomes = await self._attempt(job, self.clock.now())
             except asyncio.CancelledError:  # TERM's grace ran out: pending, tried again

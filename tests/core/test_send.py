@@ -250,6 +250,13 @@ async def test_concurrencylocal_bounds_parallel_deliveries(root: QmailRoot) -> N
     log_lines = (root.log / "current").read_text()
     assert "status: local 3/3 remote 0/20" in log_lines
     assert "status: local 4/3" not in log_lines
+    # As qmail-send: each start is followed by a status that counts it and not
+    # the deliveries started after it.
+    lines = [line.split(" ", 1)[1] for line in log_lines.splitlines()]
+    starts = [i for i, line in enumerate(lines) if line.startswith("starting delivery")]
+    assert [lines[i + 1] for i in starts[:3]] == [
+        f"status: local {n}/3 remote 0/20" for n in (1, 2, 3)
+    ]
 
 
 async def test_held_message_stays_held_through_retry_all_until_released(
