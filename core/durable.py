@@ -284,15 +284,18 @@ Done = Callable[[Any, BaseException | None], None]
 
 def drive_steps(
     steps: Steps[Any],
-    syncer: ThreadGroupCommit,
+    syncer: ThreadGroupCommit | None,
     done: Done,
     blocking: Callable[[Callable[[], None]], object] | None = None,
+    durable: Durability | None = None,
 ) -> None:
     """Run `steps` to their end without a thread of their own: up to each sync
     point here, and on from it wherever `syncer` calls back. A step that may
     block for long (None) goes on through `blocking` (a thread pool's submit),
     syncing there as run_steps does. `done(value, None)` at the end, or
-    `done(None, error)` with what the steps raised.
+    `done(None, error)` with what the steps raised. Without a syncer, all of
+    it goes through `blocking`, with `durable` (a caller with no group commit
+    thread: the command line).
 
     A thread per writer, blocked in GroupCommit.sync, costs a futex hand-off
     and a turn at the GIL per writer after every syncfs; this costs one per
@@ -308,21 +311,29 @@ def drive_steps(
             done(None, e)
             return
         if step is not None:
+            assert syncer is not None
             syncer.then(*step, advance)
         elif blocking is None:
             advance(None)
         else:
             blocking(in_thread)
 
+    on_thread = syncer.durable if syncer is not None else durable or FsyncEach()
+
     def in_thread() -> None:
         try:
-            value = run_steps(steps, syncer.durable)
+            value = run_steps(steps, on_thread)
         except Exception as e:
             done(None, e)
             return
         done(value, None)
 
-    advance(None)
+    if syncer is not None:
+        advance(None)
+    elif blocking is not None:
+        blocking(in_thread)
+    else:
+        in_thread()
 
 
 def _call_back(batch: list[Waiter], error: OSError | None) -> None:

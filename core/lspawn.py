@@ -32,7 +32,7 @@ from core.asuser import ForkServer, UserWorkers
 from core.durable import GroupCommit, ThreadGroupCommit, drive_steps
 from core.errors import UserError
 from core.getpw import getpw
-from core.local import Result, Rules, Target, qmail_local, qmail_local_steps
+from core.local import Result, Rules, Target, qmail_local_steps
 from core.paths import QmailRoot
 from core.queue import Queue, QueueError
 
@@ -73,7 +73,7 @@ class Deliverer:
         syncer: ThreadGroupCommit | None = None,
     ) -> None:
         self.root = root
-        self.syncer = syncer  # for deliveries in this process without a thread each
+        self.syncer = syncer  # deliveries in this process: None, each in `blocking`
         self.queue = queue
         self.config = config
         self.workers = UserWorkers(forks)
@@ -150,15 +150,8 @@ class Deliverer:
 
         if not (self.is_root and owner.uid != 0):
             rules = self._rules(owner)
-            if rules is None or self.syncer is None:
-
-                def here() -> None:
-                    try:
-                        then(self._here(owner, target, sender, defaultdelivery, message, now))
-                    except Exception as e:
-                        done(_internal(e))
-
-                blocking(here)
+            if rules is None:
+                done(Result("Z", "Not allowed to perform deliveries as root.\n"))
                 return
             steps = qmail_local_steps(
                 target, sender, defaultdelivery, message, forward=None, rules=rules, now=now
@@ -167,7 +160,7 @@ class Deliverer:
             def delivered(result: Result | None, error: BaseException | None) -> None:
                 then(result if result is not None else _internal(error))
 
-            drive_steps(steps, self.syncer, delivered, blocking)
+            drive_steps(steps, self.syncer, delivered, blocking, self.queue.durable)
             return
         try:
             fd = os.open(message, os.O_RDONLY)
@@ -202,30 +195,6 @@ class Deliverer:
             return Result("Z", "Trouble reading users/cdb in qmail-lspawn.\n")
         target = Target(owner.user, Path(owner.home), local_part, owner.dash, owner.ext, host)
         return owner, target
-
-    def _here(
-        self,
-        owner: users.Owner,
-        target: Target,
-        sender: str,
-        defaultdelivery: str,
-        message: Path,
-        now: float,
-    ) -> Result:
-        """A delivery in this process, under this process's uid."""
-        rules = self._rules(owner)
-        if rules is None:
-            return Result("Z", "Not allowed to perform deliveries as root.\n")
-        return qmail_local(
-            target,
-            sender,
-            defaultdelivery,
-            message,
-            forward=None,
-            durable=self.queue.durable,
-            rules=rules,
-            now=now,
-        )
 
     def _rules(self, owner: users.Owner) -> Rules | None:
         """What an in-process delivery may do; None: it may not happen at all."""
