@@ -56,11 +56,11 @@ import fcntl
 import os
 import threading
 import time
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from core.durable import Durability, FsyncEach, StrPath, run_steps
+from core.durable import Durability, FsyncEach, Steps, StrPath, run_steps
 from core.paths import FLAT_DIRS, QMAIL_FLAT_DIRS, SPLIT, SPLIT_DIRS, QmailRoot, is_same_file
 from core.timefmt import date822
 
@@ -557,7 +557,7 @@ class Queue:
         )
         return self.run_steps(steps)
 
-    def run_steps(self, steps: Generator[tuple[list[StrPath], list[StrPath]], None, int]) -> int:
+    def run_steps(self, steps: Steps[int]) -> int:
         """Drive queue-writing steps here, with this queue's durability at each
         sync point (durable.drive_steps is the same without blocking)."""
         return run_steps(steps, self.durable)
@@ -574,7 +574,7 @@ class Queue:
         invoked: str,
         now: float,
         qp_is_id: bool = False,
-    ) -> Generator[tuple[list[StrPath], list[StrPath]], None, int]:
+    ) -> Steps[int]:
         """enqueue_routed as steps: each yield asks for (files, dirs) to be made
         durable before going on, so that a caller on an event loop can wait for
         its group commit without a thread of its own (an OSError from the sync

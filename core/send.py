@@ -26,7 +26,7 @@ import heapq
 import json
 import os
 import re
-from collections.abc import Awaitable, Callable, Generator, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -35,7 +35,7 @@ from core import bounce as bounces
 from core import retry
 from core.clock import Clock
 from core.control import Config
-from core.durable import LoopGroupCommit, StrPath, drive_steps
+from core.durable import LoopGroupCommit, Steps, drive_steps
 from core.events import Events
 from core.local import Result
 from core.log import Log, safe
@@ -507,7 +507,7 @@ class Send:
 
     def _routed(
         self, message: bytes, sender: str, recipients: list[str], invoked: str
-    ) -> tuple[Generator[tuple[list[StrPath], list[StrPath]], None, int], Callable[[int], None]]:
+    ) -> tuple[Steps[int], Callable[[int], None]]:
         """The queue's writing steps for a message, and what schedules it after."""
         now = self.clock.now()
         config = self.config()
