@@ -31,6 +31,7 @@ from typing import Any
 
 from core.durable import GroupCommit, ThreadGroupCommit, drive_steps
 from core.local import PROGRAM_TIMEOUT, Result, Rules, Target, qmail_local_steps
+from core.privileges import become
 
 RECORD_MAX = 1 << 20
 SWEEP = 60.0  # seconds between looks for deliveries a worker has held too long
@@ -110,11 +111,7 @@ def _fork_loop(sock: socket.socket) -> None:  # pragma: no cover - runs in the f
             try:
                 sock.close()
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                os.setgroups([])
-                os.setgid(gid)
-                os.setuid(uid)
-                if os.getuid() == 0 or os.geteuid() == 0:
-                    raise PermissionError("refusing to deliver as root")
+                become(uid, gid)
                 os.umask(0o077)
                 serve(socket.socket(fileno=fds[0]))
                 code = 0

@@ -28,6 +28,7 @@ from core.checkpassword import verify_password
 from core.errors import UserError
 from core.getpw import getpw
 from core.paths import QmailRoot
+from core.privileges import become
 
 LOGIN_MAX = 512  # checkpassword reads at most this much from fd 3
 
@@ -80,9 +81,7 @@ def main(root: QmailRoot, argv: list[str]) -> int:
         return 1
     if os.geteuid() == 0:
         try:
-            os.setgroups([])
-            os.setgid(owner.gid)
-            os.setuid(owner.uid)
+            become(owner.uid, owner.gid)
         except OSError as e:
             print(f"qmailtui checkpassword: cannot become {name}: {e}", file=sys.stderr)
             return 111

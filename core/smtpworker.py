@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from core.listener import Limits, Settings, SmtpConnection, SmtpServer, plain_ip
 from core.paths import QmailRoot
+from core.privileges import become
 from core.smtpd import Policy, server_tls
 
 if TYPE_CHECKING:
@@ -62,6 +63,15 @@ STOP_GRACE = 5.0  # a worker told to stop waits this long for clients mid-messag
 PROJECT = str(Path(__file__).resolve().parent.parent)
 NOBODY = 65534
 WORKER_START = 30.0  # seconds a new worker may take to say it is up
+QQ_TROUBLE = "Zqq temporary problem (#4.3.0)"  # a worker's message with no core to queue it
+
+
+def _keep(tasks: set[asyncio.Future[Any]], coro: Any) -> None:
+    """Run `coro` as a task held in `tasks` until it ends (the loop keeps
+    only a weak reference to a task)."""
+    task = asyncio.ensure_future(coro)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
 class Channel(asyncio.BufferedProtocol):
@@ -259,9 +269,7 @@ class SmtpWorkers(SmtpServer):
             return
         rules, named = looked
         if named:
-            task = asyncio.ensure_future(self._named(conn, peer, ip, rules))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            _keep(self._tasks, self._named(conn, peer, ip, rules))
             return
         self._hand(conn, peer, ip, None, rules)
 
@@ -353,9 +361,7 @@ class SmtpWorkers(SmtpServer):
         for handed in worker.connections.values():
             self.count_out(handed.ip)
         worker.connections.clear()
-        task = asyncio.ensure_future(self._replace(worker))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        _keep(self._tasks, self._replace(worker))
 
     async def _replace(self, worker: _Worker) -> None:
         status = await worker.proc.wait()
@@ -460,7 +466,7 @@ class WorkerServer(SmtpServer):
 
     async def _enqueue(self, message: bytes, sender: str, recipients: list[str]) -> int:
         if self.channel is None:  # the core is gone: nobody can queue it
-            raise Refused("Zqq temporary problem (#4.3.0)")
+            raise Refused(QQ_TROUBLE)
         q = next(self._q)
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiting[q] = future
@@ -506,7 +512,7 @@ class WorkerServer(SmtpServer):
         self.channel = None
         for future in self._waiting.values():
             if not future.done():
-                future.set_exception(Refused("Zqq temporary problem (#4.3.0)"))
+                future.set_exception(Refused(QQ_TROUBLE))
         self._waiting.clear()
         self._cut_off()
 
@@ -539,9 +545,7 @@ class WorkerServer(SmtpServer):
             connection = _HandedConnection(
                 self, int(request["cid"]), str(request["ip"]), dict(request["env"])
             )
-            task = asyncio.ensure_future(self._attach(connection, sock))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            _keep(self._tasks, self._attach(connection, sock))
 
     async def _attach(self, connection: _HandedConnection, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -590,18 +594,10 @@ def unprivileged() -> tuple[int, int]:
     return NOBODY, NOBODY
 
 
-def drop_privileges(uid: int, gid: int) -> None:
-    os.setgroups([])
-    os.setgid(gid)
-    os.setuid(uid)
-    if os.getuid() == 0 or os.geteuid() == 0:
-        raise PermissionError("an SMTP worker never runs as root")
-
-
 def _refusal_text(e: BaseException) -> str:
     if isinstance(e, Refused):
         return str(e)
-    return "Zqq temporary problem (#4.3.0)"
+    return QQ_TROUBLE
 
 
 async def _work(handoff: socket.socket, stream: socket.socket) -> None:
@@ -622,7 +618,7 @@ def main() -> int:
     handoff = socket.socket(fileno=int(sys.argv[1]))
     stream = socket.socket(fileno=int(sys.argv[2]))
     if len(sys.argv) > 4:  # before a byte from the network: as qmaild, or nobody
-        drop_privileges(int(sys.argv[3]), int(sys.argv[4]))
+        become(int(sys.argv[3]), int(sys.argv[4]))
     os.umask(0o077)
     # The core decides when we stop (S, or its end of the stream closing): a
     # Ctrl-C or a TERM sent to the whole process group must not cut clients off
