@@ -176,6 +176,12 @@ class Listening(Generic[C]):
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         return None
 
+    def turned_away(self, ip: str) -> None:
+        """A connection counted in, then refused after all (no worker took it)."""
+        self.count_out(ip)
+        self.accepted -= 1
+        self.refused += 1
+
     def count_out(self, ip: str) -> None:
         self.sessions -= 1
         left = self.per_ip[ip] - 1

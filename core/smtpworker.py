@@ -296,9 +296,7 @@ class SmtpWorkers(SmtpServer):
             worker = self._pass(conn, meta)
             if worker is None:  # no worker alive, or every one is behind: busy
                 self.log(f"alert: no SMTP worker took the connection from {ip}; said 421")
-                self.count_out(ip)
-                self.accepted -= 1  # counted in, then turned away after all
-                self.refused += 1
+                self.turned_away(ip)
                 conn.setblocking(False)
                 with contextlib.suppress(OSError):
                     conn.send(self.too_many)
