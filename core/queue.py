@@ -110,16 +110,33 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def _cut(fd: int) -> None:
-    """End the file where writing stopped (see Queue._open_new)."""
-    os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))
-
-
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def _write_new_bytes(fd: int, parts: list[bytes]) -> None:
+    """Write `parts` from the start of a new or reused file and end it there
+    (see Queue._open_new): one writev for all of them when it takes them all,
+    and no lseek, since the length is known."""
+    total = sum(len(p) for p in parts)
+    written = os.writev(fd, parts)
+    if written < total:
+        _write_all(fd, memoryview(b"".join(parts))[written:])
+    os.ftruncate(fd, total)
+
+
+_pid = os.getpid()  # glibc does not cache getpid(): each call is a system call
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def received_line(pid: int, invoked: str, when: float) -> bytes:
@@ -319,8 +336,7 @@ class Queue:
             efd = self._open_new(intd)
             draft.made.append(intd)
             try:
-                _write_all(efd, envelope)
-                _cut(efd)
+                _write_new_bytes(efd, [envelope])
             finally:
                 os.close(efd)
             self.durable.sync([draft.temp, intd], [])  # contents before any name for them
@@ -342,7 +358,7 @@ class Queue:
         """A file descriptor for writing a new file at `path` (a name no file
         has), reusing a spare inode when there is one. A reused file is not
         emptied here: the writer writes from the start and then cuts the file
-        at its end (`_cut`), so blocks of about the same size are written over
+        at its end (`_write_new_bytes`), so blocks of about the same size are written over
         rather than freed and allocated again (O_TRUNC cost more than the write)."""
         while True:
             name = self._pop_spare()
@@ -390,7 +406,7 @@ class Queue:
             keep = self._spare_count < SPARE_MAX
             if keep:
                 self._spare_seq += 1
-                name = f"{os.getpid()}.{threading.get_ident()}.{self._spare_seq}"
+                name = f"{_pid}.{threading.get_ident()}.{self._spare_seq}"
                 self._spare_count += 1
         try:
             if keep:
@@ -430,9 +446,7 @@ class Queue:
             draft.made.append(draft.temp)
             # Held until we are done: cleanup_orphans never takes a file being written.
             fcntl.flock(fd, fcntl.LOCK_EX)
-            _write_all(fd, received_line(draft.qp, invoked, now))
-            _write_all(fd, message)
-            _cut(fd)
+            _write_new_bytes(fd, [received_line(draft.qp, invoked, now), message])
             yield draft
         except QueueError:
             self._undo(draft.made)
@@ -600,17 +614,20 @@ class Queue:
             info_temp = f"{self.root.queue}/pid/{pid}.{int(now)}.{msgid}.info"
             draft.made.append(info_temp)
             self._write_new(info_temp, b"F" + _b(sender) + b"\0")
-            os.utime(info_temp, (now, now))  # info's mtime is the birth time
+            if abs(now - time.time()) >= 1.0:  # else writing it gave it that mtime
+                os.utime(info_temp, (now, now))  # info's mtime is the birth time
             yield [draft.temp, *channels, info_temp], [os.path.dirname(p) for p in channels]
             mess, info = self.root.split_name("mess", msgid), self.root.split_name("info", msgid)
-            os.link(draft.temp, mess)
+            # Renamed, not linked and unlinked: one system call each. The writer
+            # stays named in pid/ (the .info file) until the commit, and the
+            # flock stays on the message's inode under its new name.
+            os.rename(draft.temp, mess)
+            draft.made.remove(draft.temp)
             draft.made.append(mess)
-            os.link(info_temp, info)  # S5: the commit point
+            os.rename(info_temp, info)  # S5: the commit point
+            draft.made.remove(info_temp)
             draft.made.append(info)
             yield [], [os.path.dirname(mess), os.path.dirname(info)]
-            for done in (draft.temp, info_temp):
-                os.unlink(done)
-                draft.made.remove(done)
         return msgid
 
     # -- preprocessing (qmail-send, S4 -> S5) ------------------------------
@@ -638,8 +655,7 @@ class Queue:
         """Write a new file; the caller makes it durable (with its siblings)."""
         fd = self._open_new(path)
         try:
-            _write_all(fd, data)
-            _cut(fd)
+            _write_new_bytes(fd, [data])
         finally:
             os.close(fd)
         return path
@@ -682,24 +698,27 @@ class Queue:
     def remove_bounce(self, msgid: int) -> None:
         self._retire(self.root.bounce(msgid))
 
-    def remove_message(self, msgid: int, reuse_mess: bool = False) -> None:
+    def remove_message(self, msgid: int, reuse_mess: bool = False, plain: bool = False) -> None:
         """Finish a message: info first (S5 -> S2), then the rest (S2 -> S1).
 
         The small files go to spare/. mess goes there only with `reuse_mess`,
         which the caller may pass only when nothing reads the message (no
         delivery running); otherwise it is unlinked, and an open descriptor
-        keeps reading the old bytes.
+        keeps reading the old bytes. `plain`: only info and mess are left (the
+        caller knows that no other file was ever made for the message, and has
+        removed its channel files).
         """
         root = self.root
         self._retire(root.split_name("info", msgid))
-        for channel in CHANNELS:
-            self._retire(root.split_name(channel, msgid))
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(root.flat_name("intd", msgid))  # todo's other name: before reuse
-        for kind in ("todo", "bounce", "state"):
-            self._retire(root.flat_name(kind, msgid))
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(root.flat_name("hold", msgid))
+        if not plain:
+            for channel in CHANNELS:
+                self._retire(root.split_name(channel, msgid))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(root.flat_name("intd", msgid))  # todo's other name: before reuse
+            for kind in ("todo", "bounce", "state"):
+                self._retire(root.flat_name(kind, msgid))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(root.flat_name("hold", msgid))
         if reuse_mess:
             self._retire(root.split_name("mess", msgid))
         else:
@@ -869,7 +888,7 @@ def _b(text: str) -> bytes:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
+    if pid == _pid:
         return True
     try:
         os.kill(pid, 0)

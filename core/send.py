@@ -89,6 +89,11 @@ class Message:
     giving_up: bool = False  # bounce requested: deferrals become failures
     removed: bool = False
     finishing: bool = False
+    # Written by this core's enqueue, and no file made for it since but mess,
+    # info and its channel files (no todo, intd, state, bounce or hold): its
+    # removal need not try names that cannot exist (a failed rename or unlink
+    # costs a path walk each; a finished message tried eight).
+    plain: bool = False
 
     def pending(self, channel: str | None = None) -> list[Recipient]:
         return [
@@ -186,6 +191,7 @@ class Send:
         self.executor = executor or ThreadPoolExecutor(64, thread_name_prefix="queue")
         # The running core's group commit on the loop; None: queue writes in threads.
         self.syncer: LoopGroupCommit | None = None
+        self._uid, self._pid = os.getuid(), os.getpid()  # each a system call
         self.messages: dict[int, Message] = {}
         self.jobs: dict[str, collections.deque[Job]] = {c: collections.deque() for c in CHANNELS}
         self.active = dict.fromkeys(CHANNELS, 0)
@@ -515,14 +521,14 @@ class Send:
         for rcpt in recipients:
             routed = route(config, rcpt)
             split[routed.channel].append(routed.address)
-        uid = os.getuid()
+        uid = self._uid
         steps = self.queue.enqueue_routed_steps(
             message,
             sender,
             split["local"],
             split["remote"],
             uid=uid,
-            pid=os.getpid(),
+            pid=self._pid,
             invoked=invoked,
             now=now,
             qp_is_id=True,
@@ -546,7 +552,7 @@ class Send:
         remote: list[str],
     ) -> None:
         """Schedule a message queued already routed, as enqueue has written it."""
-        message = Message(msgid, sender, now, size, uid, qp=msgid)
+        message = Message(msgid, sender, now, size, uid, qp=msgid, plain=True)
         for channel, addresses in zip(CHANNELS, (local, remote), strict=True):
             offset = 0
             for address in addresses:
@@ -781,6 +787,7 @@ class Send:
         try:
             if status == "D":
                 address = unvirtual(self.config(), recipient.address)
+                message.plain = False
                 self.queue.append_bounce(message.id, address, text)
             if status in ("K", "D"):
                 self.queue.mark_done(recipient.channel, message.id, recipient.offset)
@@ -840,6 +847,7 @@ class Send:
         self._save_state(message)
 
     def _save_state(self, message: Message) -> None:
+        message.plain = False
         data = {
             "recipients": {
                 f"{r.channel}:{r.address}": {
@@ -863,7 +871,8 @@ class Send:
         message.finishing = True
         try:
             bounce = self.queue.root.flat_name("bounce", message.id)
-            bouncing = os.path.exists(bounce)  # noqa: ASYNC240 - one stat: cheaper than a hop
+            # One stat is cheaper than a hop; a plain message has no bounce/N.
+            bouncing = not message.plain and os.path.exists(bounce)  # noqa: ASYNC240
             if bouncing:  # a bounce to queue: it syncs, so in a thread
                 outcome = await self.io(self._finish_sync, message, self.config(), True)
             else:
@@ -891,7 +900,7 @@ class Send:
 
         Returns the bounce's id, "triple" for a discarded triple bounce, or None.
         """
-        for channel in CHANNELS:
+        for channel in message.channels() if message.plain else CHANNELS:
             self.queue.remove_channel(channel, message.id)
         outcome: int | str | None = None
         reports = self.queue.read_bounce(message.id) if bouncing else None
@@ -919,7 +928,8 @@ class Send:
                     now=self.clock.now(),
                 )
             self.queue.remove_bounce(message.id)
-        self.queue.remove_message(message.id, reuse_mess=True)  # every delivery has ended
+        # reuse_mess: every delivery has ended
+        self.queue.remove_message(message.id, reuse_mess=True, plain=message.plain)
         return outcome
 
     def _retry_finish_later(self, message: Message) -> None:
@@ -986,6 +996,7 @@ class Send:
             self.log.line(f"info msg {message.id}: retry requested")
         elif action in ("hold", "release"):
             held = action == "hold"
+            message.plain = False
             await self.io(self.queue.set_held, message.id, held)
             message.held = held
             self.log.line(f"info msg {message.id}: {'held' if held else 'released'}")
@@ -1010,6 +1021,7 @@ class Send:
             message = self.messages.get(message.id, message)
         message.giving_up = True
         message.held = False
+        message.plain = False
         await self.io(self.queue.set_held, message.id, False)
         self.log.line(f"info msg {message.id}: bounce requested")
         config = self.config()

@@ -19,7 +19,9 @@ from core.paths import QmailRoot
 DEAD_PID = 4_194_305
 
 # The calls through which queue.py changes the disk.
-CRASH_POINTS = frozenset({"open", "write", "pwrite", "fsync", "link", "unlink", "utime", "rename"})
+CRASH_POINTS = frozenset(
+    {"open", "write", "writev", "ftruncate", "pwrite", "fsync", "link", "unlink", "utime", "rename"}
+)
 
 
 class Crash(BaseException):

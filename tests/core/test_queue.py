@@ -235,13 +235,14 @@ def test_nul_or_a_line_break_in_an_address_is_refused_and_nothing_stays(
 
 
 # enqueue's calls, in order: nextid (open, pread, pwrite, fsync); pid/ file (open,
-# write, write); intd (open, write); both made durable (open, fsync each); link to
-# mess, unlink pid, link to todo; mess/S and todo/ made durable (open, fsync each).
+# writev of the Received line and the message, ftruncate); intd (open, writev,
+# ftruncate); both made durable (open, fsync each); link to mess, unlink pid, link
+# to todo; mess/S and todo/ made durable (open, fsync each).
 ENQUEUE_STEPS = {
-    "writing the Received line": ("write", 1),
-    "writing the message": ("write", 2),
+    "writing the message": ("writev", 1),
+    "ending the message file": ("ftruncate", 1),
     "creating intd": ("open", 3),
-    "writing the envelope": ("write", 3),
+    "writing the envelope": ("writev", 2),
     "fsync of mess": ("fsync", 2),
     "fsync of intd": ("fsync", 3),
     "link pid to mess": ("link", 1),

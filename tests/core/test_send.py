@@ -311,3 +311,51 @@ async def test_bounce_now_gives_up_and_delete_removes_without_bounce(
     assert "Subject: 1" in text
     assert not root.mess(second).exists()
     assert f"info msg {second}: deleted by the postmaster" in harness.log()
+
+
+async def test_every_way_a_message_ends_leaves_no_file_in_the_queue(
+    harness: Harness, root: QmailRoot
+) -> None:
+    """A message the core wrote itself is removed by trying only the names it
+    can have (Message.plain); once a deferral, a hold or a bounce has made
+    state/, hold/ or bounce/ files, its removal must still take them all."""
+    from core.setup import maildirmake
+    from tests.queue_faults import queue_files
+
+    make_user(root, "ivy")
+    late = make_user(root, "jack", maildir=False)  # defers until its Maildir exists
+    rcpt = "ivy@mx.example.org"
+    at_once = await harness.inject(b"Subject: 1\n\n", rcpt, ["ivy@mx.example.org"])
+    deferred = await harness.inject(b"Subject: 2\n\n", rcpt, ["jack@mx.example.org"])
+    held = await harness.inject(b"Subject: 3\n\n", rcpt, ["jack@mx.example.org"])
+    bounced = await harness.inject(b"Subject: 4\n\n", rcpt, ["nobody-here@mx.example.org"])
+    mixed = await harness.inject(
+        b"Subject: 5\n\n", rcpt, ["ivy@mx.example.org", "jack@mx.example.org"]
+    )
+    await harness.wait_end(at_once)
+    await harness.wait_end(bounced)
+    messages = harness.send.messages
+    waiting = (deferred, held, mixed)
+    await harness.wait_for(
+        lambda: all(
+            any(r.attempts for r in messages[m].recipients) and not messages[m].passes
+            for m in waiting
+        )
+    )
+    assert root.state(deferred).exists()
+    await harness.send.act("hold", [held])
+    assert root.hold(held).exists()
+    maildirmake(late / "Maildir")
+    if os.getuid() == 0:
+        for directory, _, _ in os.walk(late / "Maildir"):
+            os.chown(directory, 65534, 65534)
+    await harness.send.act("release", [held])
+    harness.send.retry_all()
+    for msgid in waiting:
+        await harness.wait_end(msgid)
+    inbox = root.path.parent / "home/ivy/Maildir/new"
+    await harness.wait_for(lambda: len(list(inbox.iterdir())) == 3)  # 1, 5 and 4's bounce
+    await harness.wait_for(lambda: not harness.send.messages)
+    left = {k: v for k, v in queue_files(root).items() if k != "lock/nextid"}
+    assert left == {}
+    assert not list((root.queue / "pid").iterdir())
