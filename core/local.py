@@ -26,7 +26,14 @@ from typing import TextIO
 from core import dotqmail
 from core.dotqmail import Failure, Instruction, Search
 from core.durable import Durability, FsyncEach, Steps, run_steps
-from core.maildir import MailboxError, Message, deliver_mbox, maildir_steps, open_message
+from core.maildir import (
+    MailboxError,
+    Message,
+    deliver_mbox,
+    header_of,
+    maildir_steps,
+    open_message,
+)
 from core.paths import default_root
 from core.quote import quote2
 from core.timefmt import mbox_date
@@ -197,6 +204,9 @@ def finish_plan(plan: Plan, defaultdelivery: str) -> Plan:
 
 def is_looping(message: Message, dtline: bytes) -> bool:
     """bouncexf(): is our Delivered-To line already among the header lines?"""
+    header = header_of(message)
+    if header is not None:
+        return dtline in header.splitlines(keepends=True)
     with open_message(message) as f:
         for line in f:
             if len(line) <= 1:
