@@ -25,10 +25,14 @@ message is in Maildir/new (the deliveries that lag behind the acceptance).
 Between rounds the previous deliveries are waited for, then sync and a pause.
 "other CPU" is the machine's busy CPU (/proc/stat) that is neither the server's
 nor the client's; "background" is how busy the machine was during the pause
-before the round. Either well above ~0.3 ms/msg or ~10% of a core means
-something else was running (a test suite, say), and a warning says the figures
-are disturbed: our core's group commit is a syncfs(2) of the whole file system,
-so other writers on it slow ours more than Postfix's per-file fsyncs.
+before the round. "busiest thread" is the server's thread that was on a CPU
+the most during the run, and how long it was runnable but waiting for a CPU
+(/proc/PID/task/TID/schedstat): a thread near 100% of the two together is what
+limits the rate, however idle the machine looks. "other CPU" or "background"
+well above ~0.3 ms/msg or ~10% of a core means something else was running (a
+test suite, say), and a warning says the figures are disturbed: our core's
+group commit is a syncfs(2) of the whole file system, so other writers on it
+slow ours more than Postfix's per-file fsyncs.
 
 Ours: `qmailtui init` on a fresh root, a user `user` (nobody, when run as root)
 with a Maildir, `qmailtui serve --smtp 127.0.0.1:0 --pop3 off`, stopped with
@@ -106,16 +110,63 @@ def _proc_stats() -> dict[int, tuple[int, int]]:
 def tree_cpu(pid: int) -> float:
     """CPU seconds of pid and all its descendants, including reaped children."""
     stats = _proc_stats()
+    return sum(stats[p][1] for p in tree_pids(pid, stats)) / HZ
+
+
+def tree_pids(pid: int, stats: dict[int, tuple[int, int]] | None = None) -> list[int]:
+    """pid and all its living descendants."""
+    stats = _proc_stats() if stats is None else stats
     children: dict[int, list[int]] = {}
     for p, (ppid, _) in stats.items():
         children.setdefault(ppid, []).append(p)
-    total, todo = 0, [pid]
+    found, todo = [], [pid]
     while todo:
         p = todo.pop()
         if p in stats:
-            total += stats[p][1]
+            found.append(p)
             todo.extend(children.get(p, ()))
-    return total / HZ
+    return found
+
+
+def tree_threads(pid: int) -> dict[int, tuple[str, int, int]]:
+    """tid -> (name, ns on a CPU, ns runnable but waiting for a CPU) for every
+    thread of pid's tree (/proc/PID/task/TID/schedstat)."""
+    threads = {}
+    for p in tree_pids(pid):
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/schedstat") as f:
+                    on_cpu, waiting, _ = f.read().split()
+                with open(f"/proc/{p}/task/{tid}/comm") as f:
+                    name = f.read().strip()
+            except (OSError, ValueError):
+                continue
+            if p == pid and int(tid) == pid:
+                name = "main thread"
+            elif int(tid) != p:
+                name += " (a thread)"
+            threads[int(tid)] = (name, int(on_cpu), int(waiting))
+    return threads
+
+
+def busiest(
+    before: dict[int, tuple[str, int, int]], after: dict[int, tuple[str, int, int]], wall: float
+) -> tuple[str, float, float]:
+    """The thread that was on a CPU the most: (name, fraction of the time on a
+    CPU, fraction runnable but waiting for one). One thread near 100% together
+    is the limit, whatever the other CPU does."""
+    best = ("-", 0.0, 0.0)
+    for tid, (name, on_cpu, waiting) in after.items():
+        if tid not in before:
+            continue
+        on = (on_cpu - before[tid][1]) / 1e9 / wall
+        if on > best[1]:
+            best = (name, on, (waiting - before[tid][2]) / 1e9 / wall)
+    return best
 
 
 def machine_busy() -> float:
@@ -576,6 +627,7 @@ class Result:
     client_core: float  # load generator CPU / wall time (1.0 = one core, its limit)
     other_ms: float  # machine busy CPU that is neither server nor client, per message
     background: float = 0.0  # machine busy during the pause before the round, in cores
+    busiest: tuple[str, float, float] = ("-", 0.0, 0.0)  # see busiest()
 
 
 @dataclass
@@ -609,10 +661,10 @@ def settle(server: Server, pause: float, timeout: float = 300.0) -> float:
 def one_round(server: Server, load: Load, client: str) -> Result | str:
     base = server.delivered()
     run = run_smtp_source if client == "smtp-source" else run_asyncio
-    cpu0, busy0 = tree_cpu(server.pid), machine_busy()
+    cpu0, busy0, threads0 = tree_cpu(server.pid), machine_busy(), tree_threads(server.pid)
     start = time.perf_counter()
     out = run(server.port, load)
-    cpu1, busy1 = tree_cpu(server.pid), machine_busy()
+    cpu1, busy1, threads1 = tree_cpu(server.pid), machine_busy(), tree_threads(server.pid)
     if out.error or out.accepted != load.messages:
         return out.error or f"{out.accepted} of {load.messages} accepted"
     n = load.messages
@@ -627,6 +679,7 @@ def one_round(server: Server, load: Load, client: str) -> Result | str:
         client_ms=out.cpu * 1000 / n,
         client_core=out.cpu / out.wall,
         other_ms=max(busy1 - busy0 - (cpu1 - cpu0) - out.cpu, 0) * 1000 / n,
+        busiest=busiest(threads0, threads1, out.wall),
     )
 
 
@@ -644,7 +697,9 @@ def report(rnd: int, name: str, r: Result | str) -> None:
         f" {_f(r.cpu_all_ms, '%.2f')} with delivery;"
         f" in Maildir at {_f(r.e2e_rate)} msgs/s;"
         f" client CPU {r.client_ms:.2f} ms/msg ({r.client_core:.0%} of a core);"
-        f" other CPU {r.other_ms:.2f} ms/msg; background before {r.background:.0%} of a core",
+        f" other CPU {r.other_ms:.2f} ms/msg; background before {r.background:.0%} of a core;"
+        f" busiest thread: {r.busiest[0]}, {r.busiest[1]:.0%} on a CPU"
+        f" and {r.busiest[2]:.0%} waiting for one",
         flush=True,
     )
 
@@ -680,6 +735,16 @@ def summarise(columns: list[Column], args: argparse.Namespace) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for col in columns:
+        names = [r.busiest[0] for r in col.results]
+        if names:
+            name = max(set(names), key=names.count)
+            on = _med([r.busiest[1] * 100 for r in col.results], "%.0f")
+            waiting = _med([r.busiest[2] * 100 for r in col.results], "%.0f")
+            print(
+                f"{col.server.name}: busiest thread mostly {name}:"
+                f" {on} % on a CPU, {waiting} % waiting for one"
+            )
     theirs = [c for c in columns if not isinstance(c.server, Ours) and c.results]
     for ours in [c for c in columns if isinstance(c.server, Ours) and c.results]:
         if not theirs:
