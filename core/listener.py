@@ -163,6 +163,11 @@ class Listening(Generic[C]):
         self._connections.discard(connection)
         self.count_out(ip)
 
+    def full_for(self, ip: str) -> bool:
+        """Would count_in refuse `ip` now? (It counts nothing.)"""
+        limits = self.limits()
+        return self.sessions >= limits.connections or self.per_ip.get(ip, 0) >= limits.per_ip
+
     def count_in(self, ip: str) -> bytes | None:
         limits = self.limits()
         if self.sessions >= limits.connections:

@@ -45,6 +45,7 @@ import ssl
 import struct
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +65,8 @@ PROJECT = str(Path(__file__).resolve().parent.parent)
 NOBODY = 65534
 WORKER_START = 30.0  # seconds a new worker may take to say it is up
 QQ_TROUBLE = "Zqq temporary problem (#4.3.0)"  # a worker's message with no core to queue it
+LAG_GRACE = 0.5  # seconds a connection over a limit waits for count-outs on their way
+HELD_MAX = 64  # connections waiting so at most; more are refused at once
 
 
 def _keep(tasks: set[asyncio.Future[Any]], coro: Any) -> None:
@@ -129,6 +132,10 @@ class _Handed:
         self.ip = ip
 
 
+# A connection waiting for count-outs: deadline, socket, peer, ip, host, rules.
+_Held = tuple[float, socket.socket, Any, str, str | None, Any]
+
+
 class _Worker:
     def __init__(self, proc: asyncio.subprocess.Process, handoff: socket.socket) -> None:
         self.proc = proc
@@ -157,6 +164,9 @@ class SmtpWorkers(SmtpServer):
         self._cids = itertools.count(1)
         self._closing = False
         self._tasks: set[asyncio.Future[Any]] = set()
+        self._held: list[_Held] = []
+        self._held_timer: asyncio.TimerHandle | None = None
+        self._admitting = False
         super().__init__(*args, **kwargs)
 
     @property
@@ -281,7 +291,17 @@ class SmtpWorkers(SmtpServer):
             raise
         self._hand(conn, peer, ip, host, rules)
 
-    def _hand(self, conn: socket.socket, peer: Any, ip: str, host: str | None, rules: Any) -> None:
+    def _hand(
+        self,
+        conn: socket.socket,
+        peer: Any,
+        ip: str,
+        host: str | None,
+        rules: Any,
+        waited: bool = False,
+    ) -> None:
+        if not waited and self._hold(conn, peer, ip, host, rules):
+            return
         try:
             sockname = conn.getsockname()
             handed = _Handed(next(self._cids), ip)
@@ -306,6 +326,52 @@ class SmtpWorkers(SmtpServer):
             pass  # the client went away while we looked at it
         finally:
             conn.close()  # the worker has its own descriptor now
+
+    def _hold(self, conn: socket.socket, peer: Any, ip: str, host: str | None, rules: Any) -> bool:
+        """Keep a connection that a limit would refuse, for a moment.
+
+        A worker ends a session when the client quits, and the core counts it
+        out only when the worker's word arrives: a client that quits and
+        connects again at once would meet its old session's count and get a
+        421 that tcpserver (which hears of its child's exit at once) never
+        gives. So such a connection waits up to LAG_GRACE for count-outs and is
+        screened again as each arrives; then it is refused as before."""
+        if not self.full_for(ip) or len(self._held) >= HELD_MAX or self._closing:
+            return False
+        self._held.append((time.monotonic() + LAG_GRACE, conn, peer, ip, host, rules))
+        if self._held_timer is None:
+            self._held_timer = asyncio.get_running_loop().call_later(LAG_GRACE, self._expire)
+        return True
+
+    def count_out(self, ip: str) -> None:
+        super().count_out(ip)
+        if self._held:
+            self._admit_held(time.monotonic())
+
+    def _admit_held(self, now: float) -> None:
+        """Screen again every held connection that fits now, or whose time is up
+        (oldest first; one refused now gets its 421)."""
+        if self._admitting:
+            return  # a count-out while screening: the loop below sees it
+        self._admitting = True
+        try:
+            while True:
+                ready = [h for h in self._held if h[0] <= now or not self.full_for(h[3])]
+                if not ready:
+                    return
+                held = ready[0]
+                self._held.remove(held)
+                _, conn, peer, ip, host, rules = held
+                self._hand(conn, peer, ip, host, rules, waited=True)
+        finally:
+            self._admitting = False
+
+    def _expire(self) -> None:
+        self._held_timer = None
+        self._admit_held(time.monotonic())
+        if self._held:
+            delay = max(0.0, min(h[0] for h in self._held) - time.monotonic())
+            self._held_timer = asyncio.get_running_loop().call_later(delay, self._expire)
 
     def _pass(self, conn: socket.socket, meta: bytes) -> _Worker | None:
         """Give the connection to the least busy worker that takes it."""
@@ -379,6 +445,12 @@ class SmtpWorkers(SmtpServer):
 
     async def close(self) -> None:
         self._closing = True
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        for _, conn, *_ in self._held:
+            conn.close()
+        self._held.clear()
         if self._listen is not None:
             asyncio.get_running_loop().remove_reader(self._listen.fileno())
             self._listen.close()

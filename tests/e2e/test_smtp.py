@@ -10,6 +10,7 @@ message is read back; a bounce to a local sender lands there too.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime
 import json
@@ -849,6 +850,33 @@ def test_a_third_connection_from_one_ip_gets_421_until_one_closes(root: QmailRoo
             assert third.reply().startswith(b"421 ")
             third.assert_closed()
         quit_then_admitted(first, running.port)
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_a_client_that_reconnects_at_once_is_never_counted_twice(
+    root: QmailRoot, workers: int
+) -> None:
+    """With sessions in workers, the core hears that a session ended a moment
+    after the client does: a client at its limit that quits and connects again
+    at once must not get the 421 that its old session's count would give."""
+    root.control_file("concurrencyperip").write_text("2\n")
+    greetings: list[bytes] = []
+
+    def churn() -> None:
+        for _ in range(40):
+            with Raw(running.port) as client:
+                greeting = client.reply()
+                greetings.append(greeting[:4])
+                if greeting.startswith(b"220 "):
+                    assert client.talk(b"QUIT").startswith(b"221 ")
+
+    with (
+        serving(root, workers=workers) as running,
+        concurrent.futures.ThreadPoolExecutor(2) as pool,
+    ):
+        for done in [pool.submit(churn) for _ in range(2)]:
+            done.result(timeout=60)
+    assert greetings.count(b"220 ") == 80, sorted(set(greetings))
 
 
 def test_an_idle_client_is_timed_out_with_451(root: QmailRoot) -> None:
