@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from core.durable import GroupCommit, ThreadGroupCommit, drive_steps
+from core.fdpass import Records
 from core.local import PROGRAM_TIMEOUT, Result, Rules, Target, qmail_local_steps
 from core.privileges import become
 
@@ -138,6 +139,7 @@ class Worker:
         self.busy = 0
         self.used = time.monotonic()
         self.alive = True
+        self._records = Records(self.sock, RECORD_MAX)
         self._reader = threading.Thread(target=self._read, daemon=True, name=f"asuser-{uid}")
         self._reader.start()
 
@@ -161,7 +163,7 @@ class Worker:
                 self._sweep()
                 continue
             try:
-                data = self.sock.recv(RECORD_MAX)
+                data = self._records.recv()
             except OSError:
                 data = b""
             if not data:
@@ -296,8 +298,9 @@ def serve(sock: socket.socket) -> None:
     def delivered(request: dict[str, Any], fd: int, result: Result | None, error: object) -> None:
         finish(request, fd, result if result is not None else _internal(error))
 
+    records = Records(sock, RECORD_MAX)
     while True:
-        data, fds, _, _ = socket.recv_fds(sock, RECORD_MAX, 1)
+        data, fds = records.recv_fds(1)
         if not data:
             for fd in fds:
                 os.close(fd)

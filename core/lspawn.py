@@ -45,7 +45,14 @@ def find_owner(root: QmailRoot, local_part: str, use_passwd: bool) -> users.Owne
     """qmail-lspawn's look-up: users/assign (users/cdb), then the password database
     (only for a core run as root: no other can deliver to a system user's home),
     then the alias user. Raises UserError when users/cdb cannot be read."""
-    owner = users.lookup(root, local_part)
+    return owner_after_assign(root, local_part, use_passwd, users.lookup(root, local_part))
+
+
+def owner_after_assign(
+    root: QmailRoot, local_part: str, use_passwd: bool, assigned: users.Owner | None
+) -> users.Owner:
+    """find_owner once users/assign has answered (`assigned`)."""
+    owner = assigned
     if owner is None and use_passwd:
         owner = getpw(local_part)
     return owner or alias_owner(root, local_part)
@@ -188,9 +195,10 @@ class Deliverer:
         if not local_part:
             return Result("K", "")  # a trash address, as qmail-lspawn has it
         try:
-            if not passwd and self.is_root and users.lookup(self.root, local_part) is None:
-                return None
-            owner = find_owner(self.root, local_part, self.is_root)
+            assigned = users.lookup(self.root, local_part)
+            if assigned is None and self.is_root and not passwd:
+                return None  # the password database is next: see deliver_then
+            owner = owner_after_assign(self.root, local_part, self.is_root, assigned)
         except UserError:
             return Result("Z", "Trouble reading users/cdb in qmail-lspawn.\n")
         target = Target(owner.user, Path(owner.home), local_part, owner.dash, owner.ext, host)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
+from core import procid
 from core.dotqmail import TEMPORARY_ERRNOS
 from core.durable import Durability, FsyncEach, Steps, run_steps
 from core.paths import is_same_file
@@ -42,7 +43,7 @@ class MailboxError(Exception):
 def unique_name(now: float) -> str:
     seconds = int(now)
     usec = int((now - seconds) * 1_000_000)
-    return f"{seconds}.M{usec}P{os.getpid()}Q{next(_deliveries)}.{_HOST}"
+    return f"{seconds}.M{usec}P{procid.pid()}Q{next(_deliveries)}.{_HOST}"
 
 
 def _write_all(fd: int, data: bytes) -> None:

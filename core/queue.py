@@ -60,6 +60,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from core import procid
 from core.durable import Durability, FsyncEach, Steps, StrPath, run_steps
 from core.paths import FLAT_DIRS, QMAIL_FLAT_DIRS, SPLIT, SPLIT_DIRS, QmailRoot, is_same_file
 from core.timefmt import date822
@@ -126,17 +127,6 @@ def _write_new_bytes(fd: int, parts: list[bytes]) -> None:
     if written < total:
         _write_all(fd, memoryview(b"".join(parts))[written:])
     os.ftruncate(fd, total)
-
-
-_pid = os.getpid()  # glibc does not cache getpid(): each call is a system call
-
-
-def _forked() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_forked)
 
 
 def received_line(pid: int, invoked: str, when: float) -> bytes:
@@ -406,7 +396,7 @@ class Queue:
             keep = self._spare_count < SPARE_MAX
             if keep:
                 self._spare_seq += 1
-                name = f"{_pid}.{threading.get_ident()}.{self._spare_seq}"
+                name = f"{procid.pid()}.{threading.get_ident()}.{self._spare_seq}"
                 self._spare_count += 1
         try:
             if keep:
@@ -888,7 +878,7 @@ def _b(text: str) -> bytes:
 
 
 def _alive(pid: int) -> bool:
-    if pid == _pid:
+    if pid == procid.pid():
         return True
     try:
         os.kill(pid, 0)

@@ -50,6 +50,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core.fdpass import descriptors
 from core.listener import Limits, Settings, SmtpConnection, SmtpServer, plain_ip
 from core.paths import QmailRoot
 from core.privileges import become
@@ -596,7 +597,7 @@ class WorkerServer(SmtpServer):
                 return
             except OSError:
                 meta, ancillary = b"", []
-            fds = _descriptors(ancillary)
+            fds = descriptors(ancillary)
             if not meta:
                 for fd in fds:
                     os.close(fd)
@@ -626,15 +627,6 @@ class WorkerServer(SmtpServer):
             if connection.transport is None:
                 connection.counted = True
                 self.leave(connection, connection.ip)
-
-
-def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(data) - len(data) % 4
-            fds.extend(array.array("i", data[:usable]))
-    return fds
 
 
 def _tls(pem: str) -> ssl.SSLContext | None:
