@@ -343,7 +343,8 @@ class LocalSpawner:
         # then shrunk: past malloc's mmap threshold that is an mmap, an mremap
         # and a munmap per read (and a TLB flush on every CPU we run on). The
         # replies are lines of a few hundred bytes.
-        reading = self._proc._transport.get_pipe_transport(1)  # type: ignore[attr-defined]
+        transport = getattr(self._proc, "_transport", None)  # asyncio's own; may change
+        reading = transport.get_pipe_transport(1) if transport is not None else None
         if reading is not None and hasattr(reading, "max_size"):
             reading.max_size = PIPE_READ
         self._reader = asyncio.ensure_future(self._read(self._proc))
