@@ -35,9 +35,9 @@ from core.getpw import getpw
 from core.local import Result, Rules, Target, qmail_local_steps
 from core.paths import QmailRoot
 from core.queue import Queue, QueueError
+from core.reads import small_reads
 
 LINE_MAX = 1 << 20
-PIPE_READ = 1 << 16  # bytes per read of lspawn's replies (below malloc's mmap threshold)
 PROJECT = str(Path(__file__).resolve().parent.parent)  # so that `-m core.lspawn` imports us
 CRASHED = Result("Z", "qmail-local crashed. (#4.3.0)\n")
 
@@ -339,14 +339,9 @@ class LocalSpawner:
             cwd=PROJECT,
             start_new_session=True,  # a Ctrl-C or a kill of our group is not for it
         )
-        # asyncio reads a pipe 256 KB at a time, into a new bytes object that is
-        # then shrunk: past malloc's mmap threshold that is an mmap, an mremap
-        # and a munmap per read (and a TLB flush on every CPU we run on). The
-        # replies are lines of a few hundred bytes.
         transport = getattr(self._proc, "_transport", None)  # asyncio's own; may change
-        reading = transport.get_pipe_transport(1) if transport is not None else None
-        if reading is not None and hasattr(reading, "max_size"):
-            reading.max_size = PIPE_READ
+        if transport is not None:
+            small_reads(transport.get_pipe_transport(1))  # report lines of a few hundred bytes
         self._reader = asyncio.ensure_future(self._read(self._proc))
 
     async def _read(self, proc: asyncio.subprocess.Process) -> None:

@@ -21,6 +21,8 @@ import socket
 import ssl
 from dataclasses import dataclass
 
+from core.reads import small_reads
+
 TEXT_MAX = 5000  # qmail-remote's HUGESMTPTEXT
 READ_MAX = 64 * 1024  # a reply longer than this is not waited for to its end
 LINE_END = re.compile(rb"\r\n|\r|\n")
@@ -63,6 +65,7 @@ class Client:
     async def over(cls, sock: socket.socket, wait: float) -> Client:
         """A client on a connected socket; `wait`: timeoutremote, for every read and write."""
         reader, writer = await asyncio.open_connection(sock=sock, limit=READ_MAX)
+        small_reads(writer.transport)  # replies are lines
         return cls(reader, writer, wait)
 
     async def _more(self) -> None:
