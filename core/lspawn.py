@@ -326,6 +326,10 @@ class LocalSpawner:
         self._next = 0
         self._reader: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        # Requests made in one turn of the loop go in one write (see _send).
+        self._outgoing: list[bytes] = []
+        self._outgoing_numbers: list[int] = []
+        self._outgoing_to: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
         self._proc = await asyncio.create_subprocess_exec(
@@ -383,20 +387,49 @@ class LocalSpawner:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._pending[n] = future
         request = {"n": n, "rcpt": rcpt, "sender": sender, "id": msgid, "now": now}
-        try:
-            proc.stdin.write(json.dumps(request).encode() + b"\n")
-            await proc.stdin.drain()
-        except (ConnectionError, RuntimeError):
-            self._pending.pop(n, None)
-            return CRASHED
+        self._send(proc, json.dumps(request).encode() + b"\n", n)
         return await future
 
     def reload(self) -> None:
-        if self._proc is not None and self._proc.stdin is not None:
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                self._proc.stdin.write(b'{"reload": true}\n')
+        if self._proc is not None:
+            self._send(self._proc, b'{"reload": true}\n')
+
+    def _send(self, proc: asyncio.subprocess.Process, line: bytes, n: int | None = None) -> None:
+        """Queue a line for the child; the lines of one turn of the loop go in
+        one write, at the start of the next turn.
+
+        Each write wakes lspawn, and the wake-up of a process blocked on a pipe
+        may preempt the writer there and then: about 60 us of the loop's time
+        per write, measured, when every delivery had one. Deliveries start in
+        bursts (a group commit's batch of messages at once), so this writes
+        about half as often. No drain: the requests in flight are bounded by
+        concurrencylocal."""
+        if self._outgoing and self._outgoing_to is not proc:
+            self._flush()
+        if not self._outgoing:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outgoing_to = proc
+        self._outgoing.append(line)
+        if n is not None:
+            self._outgoing_numbers.append(n)
+
+    def _flush(self) -> None:
+        lines, numbers, proc = self._outgoing, self._outgoing_numbers, self._outgoing_to
+        self._outgoing, self._outgoing_numbers, self._outgoing_to = [], [], None
+        if not lines:
+            return
+        try:
+            if proc is not self._proc or proc is None or proc.stdin is None:
+                raise ConnectionError("lspawn has gone")  # _read has answered them
+            proc.stdin.write(b"".join(lines))
+        except (ConnectionError, RuntimeError):
+            for n in numbers:
+                future = self._pending.pop(n, None)
+                if future is not None and not future.done():
+                    future.set_result(CRASHED)
 
     async def close(self) -> None:
+        self._flush()
         proc, self._proc = self._proc, None
         if proc is None:
             return
