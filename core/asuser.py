@@ -31,7 +31,14 @@ from typing import Any
 
 from core.durable import GroupCommit, ThreadGroupCommit, drive_steps
 from core.fdpass import Records
-from core.local import PROGRAM_TIMEOUT, Result, Rules, Target, qmail_local_steps
+from core.local import (
+    PROGRAM_TIMEOUT,
+    Result,
+    Rules,
+    Target,
+    internal_error,
+    qmail_local_steps,
+)
 from core.privileges import become
 
 RECORD_MAX = 1 << 20
@@ -124,6 +131,29 @@ def _fork_loop(sock: socket.socket) -> None:  # pragma: no cover - runs in the f
 
 
 Replied = Callable[[Result], None]
+
+
+class InFlight:
+    """Deliveries handed on and not answered yet, counted so that a server at
+    the end of its input answers every one it holds before it goes (one
+    between two sync points is in no thread and no queue)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._count = 0
+
+    def start(self) -> None:
+        with self._cond:
+            self._count += 1
+
+    def end(self) -> None:
+        with self._cond:
+            self._count -= 1
+            self._cond.notify_all()
+
+    def wait_all(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._count == 0)
 
 
 class Worker:
@@ -233,21 +263,6 @@ class UserWorkers:
 
         worker.send(request, message_fd, done)
 
-    def deliver(self, uid: int, gid: int, request: dict[str, Any], message_fd: int) -> Result:
-        """send, waiting for the result."""
-        finished = threading.Event()
-        slot: list[Result] = []
-
-        def replied(result: Result) -> None:
-            slot.append(result)
-            finished.set()
-
-        self.send(uid, gid, request, message_fd, replied)
-        finished.wait(HUNG + 2 * SWEEP)  # the reader's sweep answers by then
-        return (
-            slot[0] if slot else Result("Z", "Timeout waiting for the delivery process. (#4.3.0)\n")
-        )
-
     def _gone(self, worker: Worker) -> None:
         with self._lock:
             if self._workers.get((worker.uid, worker.gid)) is worker:
@@ -281,8 +296,7 @@ def serve(sock: socket.socket) -> None:
     syncer = ThreadGroupCommit(durable)
     pool = ThreadPoolExecutor(64, thread_name_prefix="deliver")
     send_lock = threading.Lock()
-    running = threading.Condition()
-    count = [0]
+    in_flight = InFlight()  # deliveries handed on and not answered yet
 
     def finish(request: dict[str, Any], fd: int, result: Result) -> None:
         os.close(fd)
@@ -291,12 +305,10 @@ def serve(sock: socket.socket) -> None:
             reply["forward"] = [result.forward[0], list(result.forward[1])]
         with send_lock, contextlib.suppress(OSError):
             sock.send(json.dumps(reply).encode())
-        with running:
-            count[0] -= 1
-            running.notify_all()
+        in_flight.end()
 
     def delivered(request: dict[str, Any], fd: int, result: Result | None, error: object) -> None:
-        finish(request, fd, result if result is not None else _internal(error))
+        finish(request, fd, result if result is not None else internal_error(error))
 
     records = Records(sock, RECORD_MAX)
     while True:
@@ -307,8 +319,7 @@ def serve(sock: socket.socket) -> None:
             break
         if not fds:
             continue
-        with running:
-            count[0] += 1
+        in_flight.start()
         request: dict[str, Any] = {"n": 0}
         try:
             request = json.loads(data)
@@ -330,15 +341,10 @@ def serve(sock: socket.socket) -> None:
                 now=float(request["now"]),
             )
         except Exception as e:
-            finish(request, fds[0], _internal(e))
+            finish(request, fds[0], internal_error(e))
             continue
         drive_steps(steps, syncer, functools.partial(delivered, request, fds[0]), pool.submit)
-    with running:
-        running.wait_for(lambda: count[0] == 0)
+    in_flight.wait_all()
     pool.shutdown()
     syncer.close()
     durable.close()
-
-
-def _internal(e: object) -> Result:
-    return Result("Z", f"Internal error in local delivery: {e!r} (#4.3.0)\n")

@@ -336,14 +336,21 @@ def drive_steps(
         in_thread()
 
 
-def _call_back(batch: list[Waiter], error: OSError | None) -> None:
+def _call_back(
+    batch: list[Waiter], error: OSError | None, bug: Callable[[Exception], None] | None = None
+) -> None:
+    """Tell each waiter of the batch; a waiter that raises is our bug, told to
+    `bug` (else printed), and the other waiters must still hear."""
     for _, _, synced in batch:
         try:
             synced(error)
-        except Exception:  # our bug: the other waiters must still hear
-            import traceback
+        except Exception as e:
+            if bug is not None:
+                bug(e)
+            else:
+                import traceback
 
-            traceback.print_exc()
+                traceback.print_exc()
 
 
 class LoopGroupCommit(ThreadGroupCommit):
@@ -365,30 +372,9 @@ class LoopGroupCommit(ThreadGroupCommit):
         super().__init__(fallback, self._to_loop)
 
     def _to_loop(self, batch: list[Waiter], error: OSError | None) -> None:
-        self._loop.call_soon_threadsafe(_wake, batch, error)
+        self._loop.call_soon_threadsafe(_call_back, batch, error, self._bug)
 
-    async def sync(self, files: Sequence[StrPath], dirs: Sequence[StrPath]) -> None:
-        future = self._loop.create_future()
-
-        def synced(error: OSError | None) -> None:
-            if future.done():
-                return
-            if error is None:
-                future.set_result(None)
-            else:
-                future.set_exception(OSError(error.errno, error.strerror))
-
-        self.then(files, dirs, synced)
-        await future
-
-
-def _wake(batch: list[Waiter], error: OSError | None) -> None:
-    for _, _, synced in batch:
-        try:
-            synced(error)
-        except Exception as e:  # our bug: the other waiters must still hear
-            import asyncio  # not at the top: qmailtui inject must start light
-
-            asyncio.get_running_loop().call_exception_handler(
-                {"message": "a group commit's waiter failed", "exception": e}
-            )
+    def _bug(self, e: Exception) -> None:
+        self._loop.call_exception_handler(
+            {"message": "a group commit's waiter failed", "exception": e}
+        )

@@ -60,6 +60,11 @@ class Result:
         return self.status == "K"
 
 
+def internal_error(e: object) -> Result:
+    """Our bug in local delivery: defer the delivery, never lose it."""
+    return Result("Z", f"Internal error in local delivery: {e!r} (#4.3.0)\n")
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """qmail-local's arguments: who owns the address and where its .qmail files live."""

@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from core import control, users
-from core.asuser import ForkServer, UserWorkers
+from core.asuser import ForkServer, InFlight, UserWorkers
 from core.durable import GroupCommit, ThreadGroupCommit, drive_steps
 from core.errors import UserError
 from core.getpw import getpw
-from core.local import Result, Rules, Target, qmail_local_steps
+from core.local import Result, Rules, Target, internal_error, qmail_local_steps
 from core.paths import QmailRoot
 from core.queue import Queue, QueueError
 from core.reads import small_reads
@@ -108,37 +108,28 @@ class Deliverer:
         now: float,
         done: Callable[[Result], None],
         blocking: Callable[[Callable[[], None]], object],
+        *,
+        passwd: bool = False,
     ) -> None:
         """deliver, calling `done(result)` back. A delivery as another user is
         handed to its worker at once and answered from the worker's reader
         thread; what may block (a delivery in this process, queueing a forward,
         the password database, which NSS may ask over the network) is run
-        through `blocking` (a thread pool's submit)."""
-
-        def route(passwd: bool) -> None:
-            try:
-                routed = self._route(rcpt, passwd)
-            except Exception as e:
-                done(_internal(e))
-                return
-            if routed is None:
-                blocking(lambda: route(True))
-            elif isinstance(routed, Result):
-                done(routed)
-            else:
-                self._start(routed, sender, msgid, now, done, blocking)
-
-        route(False)
-
-    def _start(
-        self,
-        routed: tuple[users.Owner, Target],
-        sender: str,
-        msgid: int,
-        now: float,
-        done: Callable[[Result], None],
-        blocking: Callable[[Callable[[], None]], object],
-    ) -> None:
+        through `blocking` (a thread pool's submit). `passwd`: this call may
+        ask the password database (it runs in `blocking` already)."""
+        try:
+            routed = self._route(rcpt, passwd)
+        except Exception as e:
+            done(internal_error(e))
+            return
+        if routed is None:
+            blocking(
+                lambda: self.deliver_then(rcpt, sender, msgid, now, done, blocking, passwd=True)
+            )
+            return
+        if isinstance(routed, Result):
+            done(routed)
+            return
         owner, target = routed
         defaultdelivery = "".join(line + "\n" for line in self.config().defaultdelivery)
         message = self.root.mess(msgid)
@@ -152,7 +143,7 @@ class Deliverer:
                 try:
                     done(self._forward(result, owner, target, message, now))
                 except Exception as e:
-                    done(_internal(e))
+                    done(internal_error(e))
 
             blocking(forward)
 
@@ -166,7 +157,7 @@ class Deliverer:
             )
 
             def delivered(result: Result | None, error: BaseException | None) -> None:
-                then(result if result is not None else _internal(error))
+                then(result if result is not None else internal_error(error))
 
             drive_steps(steps, self.syncer, delivered, blocking, self.queue.durable)
             return
@@ -187,7 +178,7 @@ class Deliverer:
             os.close(fd)
             done(Result("Z", f"Unable to run qmail-local: {e.strerror or e}. (#4.3.0)\n"))
 
-    def _route(self, rcpt: str, passwd: bool = True) -> Result | tuple[users.Owner, Target] | None:
+    def _route(self, rcpt: str, passwd: bool) -> Result | tuple[users.Owner, Target] | None:
         """Who delivers to `rcpt`, or the result when nobody needs to; None when
         finding out needs the password database and `passwd` is False."""
         local_part, at, host = rcpt.rpartition("@")
@@ -277,17 +268,14 @@ def serve(root: QmailRoot, requests: BinaryIO, replies: BinaryIO, threads: int =
     config = [control.load(root)]
     deliverer = Deliverer(root, queue, lambda: config[0], forks, syncer)
     write_lock = threading.Lock()
-    running = threading.Condition()
-    count = [0]  # deliveries handed on and not answered yet
+    in_flight = InFlight()  # deliveries handed on and not answered yet
 
     def reply(n: object, result: Result) -> None:
         line = json.dumps({"n": n, "status": result.status, "text": result.text})
         with write_lock, contextlib.suppress(OSError, ValueError):  # the core is gone
             replies.write(line.encode() + b"\n")
             replies.flush()
-        with running:
-            count[0] -= 1
-            running.notify_all()
+        in_flight.end()
 
     with ThreadPoolExecutor(threads, thread_name_prefix="lspawn") as pool:
         for raw in requests:
@@ -295,8 +283,7 @@ def serve(root: QmailRoot, requests: BinaryIO, replies: BinaryIO, threads: int =
             if request.get("reload"):
                 config[0] = control.load(root)
                 continue
-            with running:
-                count[0] += 1
+            in_flight.start()
             deliverer.deliver_then(
                 str(request["rcpt"]),
                 str(request["sender"]),
@@ -308,8 +295,7 @@ def serve(root: QmailRoot, requests: BinaryIO, replies: BinaryIO, threads: int =
         # EOF: every delivery handed on is answered first (one between two
         # sync points is neither in the pool nor in a worker), and only then
         # do the workers and the pool go.
-        with running:
-            running.wait_for(lambda: count[0] == 0)
+        in_flight.wait_all()
         deliverer.close()
     syncer.close()
     durability.close()
@@ -463,8 +449,3 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _internal(e: object) -> Result:
-    """Our bug: defer the delivery, never lose it."""
-    return Result("Z", f"Internal error in local delivery: {e!r} (#4.3.0)\n")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from core import bounce as bounces
-from core import retry
+from core import procid, retry
 from core.clock import Clock
 from core.control import Config
 from core.durable import LoopGroupCommit, Steps, drive_steps
@@ -191,7 +191,7 @@ class Send:
         self.executor = executor or ThreadPoolExecutor(64, thread_name_prefix="queue")
         # The running core's group commit on the loop; None: queue writes in threads.
         self.syncer: LoopGroupCommit | None = None
-        self._uid, self._pid = os.getuid(), os.getpid()  # each a system call
+        self._uid = os.getuid()  # a system call each time
         self.messages: dict[int, Message] = {}
         self.jobs: dict[str, collections.deque[Job]] = {c: collections.deque() for c in CHANNELS}
         self.active = dict.fromkeys(CHANNELS, 0)
@@ -528,7 +528,7 @@ class Send:
             split["local"],
             split["remote"],
             uid=uid,
-            pid=self._pid,
+            pid=procid.pid(),
             invoked=invoked,
             now=now,
             qp_is_id=True,

@@ -50,7 +50,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.fdpass import descriptors
+from core.fdpass import Records
 from core.listener import Limits, Settings, SmtpConnection, SmtpServer, plain_ip
 from core.paths import QmailRoot
 from core.privileges import become
@@ -496,6 +496,7 @@ class _HandedConnection(SmtpConnection):
 class WorkerServer(SmtpServer):
     def __init__(self, handoff: socket.socket) -> None:
         self.handoff = handoff
+        self._handed = Records(handoff, META_MAX)
         self.channel: Channel | None = None
         self._waiting: dict[int, asyncio.Future[int]] = {}
         self._q = itertools.count(1)
@@ -592,12 +593,11 @@ class WorkerServer(SmtpServer):
         loop = asyncio.get_running_loop()
         while True:
             try:
-                meta, ancillary, _, _ = self.handoff.recvmsg(META_MAX, socket.CMSG_SPACE(4))
+                meta, fds = self._handed.recv_fds(1)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                meta, ancillary = b"", []
-            fds = descriptors(ancillary)
+                meta, fds = b"", []
             if not meta:
                 for fd in fds:
                     os.close(fd)

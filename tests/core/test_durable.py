@@ -157,6 +157,25 @@ def test_steps_get_the_sync_error_thrown_in_where_they_asked(tmp_path: Path) -> 
     assert run_steps(steps(), Failing()) == "undone after Input/output error"
 
 
+async def synced(syncer: LoopGroupCommit, files: list[Path], dirs: list[Path]) -> None:
+    """A writer on the loop waiting for the group commit, as the core's are
+    called back (`then`): done on the loop, or the sync's error raised."""
+    import asyncio
+
+    future = asyncio.get_running_loop().create_future()
+
+    def done(error: OSError | None) -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(OSError(error.errno, error.strerror))
+
+    syncer.then(files, dirs, done)
+    await future
+
+
 async def test_loop_writers_waiting_together_share_one_sync(tmp_path: Path) -> None:
     """The core's group commit on the event loop: ten writers that ask while a
     sync runs are all covered by the next one, and are woken together."""
@@ -167,12 +186,12 @@ async def test_loop_writers_waiting_together_share_one_sync(tmp_path: Path) -> N
     gc._syncfs = fake
     syncer = LoopGroupCommit(asyncio.get_running_loop(), gc)
     try:
-        first = asyncio.ensure_future(syncer.sync([], [tmp_path]))
+        first = asyncio.ensure_future(synced(syncer, [], [tmp_path]))
         deadline = time.monotonic() + 5
         while not fake.started.is_set():
             assert time.monotonic() < deadline
             await asyncio.sleep(0.01)
-        rest = [asyncio.ensure_future(syncer.sync([], [tmp_path])) for _ in range(10)]
+        rest = [asyncio.ensure_future(synced(syncer, [], [tmp_path])) for _ in range(10)]
         await asyncio.sleep(0.1)
         assert not any(f.done() for f in [first, *rest])
         fake.release.set()
@@ -226,7 +245,7 @@ async def test_a_failed_loop_sync_is_an_error_for_each_writer_and_undoes_the_mes
     files, dirs = next(steps)
     try:
         with pytest.raises(OSError, match="No space left") as caught:
-            await asyncio.wait_for(syncer.sync(files, dirs), 5)
+            await asyncio.wait_for(synced(syncer, files, dirs), 5)
         assert caught.value.errno == errno.ENOSPC
         with pytest.raises(QueueError, match="qq write error or disk full"):
             steps.throw(caught.value)

@@ -263,7 +263,16 @@ def test_a_delivery_a_worker_holds_too_long_is_deferred_and_its_slot_freed(
         assert heard == [asuser.TIMED_OUT]
         assert time.monotonic() - started >= 0.5
         gate.touch()  # the program ends; its late answer goes nowhere
-        assert workers.deliver(65534, 65534, request, fd).status == "K"
+        again: list[Result] = []
+        answered_again = threading.Event()
+
+        def replied_again(result: Result) -> None:
+            again.append(result)
+            answered_again.set()
+
+        workers.send(65534, 65534, request, fd, replied_again)
+        assert answered_again.wait(15)
+        assert again[0].status == "K"
         assert len(heard) == 1
     finally:
         os.close(fd)
