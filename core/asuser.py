@@ -339,6 +339,7 @@ def serve(sock: socket.socket) -> None:
                 forward=None,
                 rules=Rules(),
                 now=float(request["now"]),
+                maildirs_only=bool(request.get("maildirs_only")),
             )
         except Exception as e:
             finish(request, fds[0], internal_error(e))

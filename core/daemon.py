@@ -120,6 +120,7 @@ def make_send(
         events=events,
         local=spawner.deliver if spawner is not None else deliver_local,
         executor=executor,
+        direct=spawner.deliver if spawner is not None else None,
         **({"remote": remote.deliver} if remote is not None else {}),
     )
 

@@ -47,7 +47,9 @@ LOOPING = "This message is looping: it already has my Delivered-To line. (#5.4.6
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    """A delivery's outcome in qmail-spawn's terms: K success, Z defer, D fail."""
+    """A delivery's outcome in qmail-spawn's terms: K success, Z defer, D fail;
+    and X, ours: not tried, since a direct delivery may only write Maildirs
+    (see MAILDIRS_ONLY)."""
 
     status: str
     text: str
@@ -58,6 +60,13 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.status == "K"
+
+
+# A direct delivery (before the SMTP 250, see send.Send.enqueue_then) is
+# declined, before anything is done, by a .qmail that does more than write
+# Maildirs: a program or an mbox lock may take long, and a program or a
+# forward must not run twice if the message is then queued after all.
+NOT_MAILDIRS = Result("X", "Not only Maildir deliveries: queued instead.\n")
 
 
 def internal_error(e: object) -> Result:
@@ -400,8 +409,11 @@ def qmail_local_steps(
     forward: Forwarder | None,
     rules: Rules | None = None,
     now: float | None = None,
+    maildirs_only: bool = False,
 ) -> Steps[Result]:
-    """qmail_local as steps (durable.Steps), for a caller with its own group commit."""
+    """qmail_local as steps (durable.Steps), for a caller with its own group commit.
+    `maildirs_only`: do nothing, and return NOT_MAILDIRS, unless every
+    instruction is a Maildir (a direct delivery)."""
     when = time.time() if now is None else now
     try:
         plan = prepare(target, sender, defaultdelivery, when)
@@ -413,6 +425,10 @@ def qmail_local_steps(
         finish_plan(plan, defaultdelivery)
     except Failure as e:
         return Result("D" if e.permanent else "Z", e.text + "\n")
+    if maildirs_only and not (
+        plan.instructions and all(ins.kind == "maildir" for ins in plan.instructions)
+    ):
+        return NOT_MAILDIRS
     return (yield from execute_steps(plan, message, forward=forward, rules=rules))
 
 

@@ -8,6 +8,7 @@ will switch uid.
 
 Protocol, one JSON object a line each way:
     core -> lspawn  {"n": 7, "rcpt": "...", "sender": "...", "id": 123, "now": 1.5}
+                    {..., "draft": "QUEUE/pid/NAME.direct"}   a direct delivery
                     {"reload": true}        re-read control/* before the next delivery
     lspawn -> core  {"n": 7, "status": "K", "text": "did 1+0+0\\n"}
 """
@@ -110,13 +111,21 @@ class Deliverer:
         blocking: Callable[[Callable[[], None]], object],
         *,
         passwd: bool = False,
+        draft: str | None = None,
     ) -> None:
         """deliver, calling `done(result)` back. A delivery as another user is
         handed to its worker at once and answered from the worker's reader
         thread; what may block (a delivery in this process, queueing a forward,
         the password database, which NSS may ask over the network) is run
         through `blocking` (a thread pool's submit). `passwd`: this call may
-        ask the password database (it runs in `blocking` already)."""
+        ask the password database (it runs in `blocking` already).
+
+        `draft`: a direct delivery of that file in the queue's pid/ (not of
+        mess/msgid), which only writes Maildirs or else does nothing (the
+        result is local.NOT_MAILDIRS)."""
+        if draft is not None and not self._is_draft(draft):
+            done(Result("Z", "qmail-spawn unable to open message. (#4.3.0)\n"))
+            return
         try:
             routed = self._route(rcpt, passwd)
         except Exception as e:
@@ -124,7 +133,9 @@ class Deliverer:
             return
         if routed is None:
             blocking(
-                lambda: self.deliver_then(rcpt, sender, msgid, now, done, blocking, passwd=True)
+                lambda: self.deliver_then(
+                    rcpt, sender, msgid, now, done, blocking, passwd=True, draft=draft
+                )
             )
             return
         if isinstance(routed, Result):
@@ -132,7 +143,7 @@ class Deliverer:
             return
         owner, target = routed
         defaultdelivery = "".join(line + "\n" for line in self.config().defaultdelivery)
-        message = self.root.mess(msgid)
+        message = Path(draft) if draft is not None else self.root.mess(msgid)
 
         def then(result: Result) -> None:
             if result.forward is None:
@@ -153,7 +164,14 @@ class Deliverer:
                 done(Result("Z", "Not allowed to perform deliveries as root.\n"))
                 return
             steps = qmail_local_steps(
-                target, sender, defaultdelivery, message, forward=None, rules=rules, now=now
+                target,
+                sender,
+                defaultdelivery,
+                message,
+                forward=None,
+                rules=rules,
+                now=now,
+                maildirs_only=draft is not None,
             )
 
             def delivered(result: Result | None, error: BaseException | None) -> None:
@@ -167,6 +185,8 @@ class Deliverer:
             done(Result("Z", "qmail-spawn unable to open message. (#4.3.0)\n"))
             return
         request = self._request(target, sender, defaultdelivery, now)
+        if draft is not None:
+            request["maildirs_only"] = True
 
         def replied(result: Result) -> None:
             os.close(fd)
@@ -177,6 +197,12 @@ class Deliverer:
         except OSError as e:
             os.close(fd)
             done(Result("Z", f"Unable to run qmail-local: {e.strerror or e}. (#4.3.0)\n"))
+
+    def _is_draft(self, path: str) -> bool:
+        """A direct delivery's file is one the core wrote in pid/ for it, and
+        nothing else: lspawn runs as root and opens it."""
+        head, name = os.path.split(path)
+        return head == str(self.root.queue / "pid") and name.endswith(".direct")
 
     def _route(self, rcpt: str, passwd: bool) -> Result | tuple[users.Owner, Target] | None:
         """Who delivers to `rcpt`, or the result when nobody needs to; None when
@@ -291,6 +317,7 @@ def serve(root: QmailRoot, requests: BinaryIO, replies: BinaryIO, threads: int =
                 float(request["now"]),
                 functools.partial(reply, request["n"]),
                 pool.submit,
+                draft=str(request["draft"]) if "draft" in request else None,
             )
         # EOF: every delivery handed on is answered first (one between two
         # sync points is neither in the pool nor in a worker), and only then
@@ -361,7 +388,11 @@ class LocalSpawner:
             self._proc = None
             self._on_lost(f"lspawn exited with status {proc.returncode}")
 
-    async def deliver(self, rcpt: str, sender: str, msgid: int, now: float) -> Result:
+    async def deliver(
+        self, rcpt: str, sender: str, msgid: int, now: float, draft: str | None = None
+    ) -> Result:
+        """qmail-local's report for one delivery of message `msgid`, or with
+        `draft`, a direct delivery of that file (Deliverer.deliver_then)."""
         async with self._lock:
             if self._proc is None:
                 await self.start()
@@ -372,7 +403,9 @@ class LocalSpawner:
         n = self._next
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._pending[n] = future
-        request = {"n": n, "rcpt": rcpt, "sender": sender, "id": msgid, "now": now}
+        request: dict[str, Any] = {"n": n, "rcpt": rcpt, "sender": sender, "id": msgid, "now": now}
+        if draft is not None:
+            request["draft"] = draft
         self._send(proc, json.dumps(request).encode() + b"\n", n)
         return await future
 

@@ -419,15 +419,18 @@ class Queue:
         invoked: str,
         now: float,
         qp_is_id: bool = False,
+        msgid: int | None = None,
     ) -> Iterator[_Draft]:
-        """A new message's id and its file in pid/, written (not yet durable) and
-        flocked; on any error, everything the block made is removed again."""
+        """A new message's id (or `msgid`, one new_id gave) and its file in
+        pid/, written (not yet durable) and flocked; on any error, everything
+        the block made is removed again."""
         for address in addresses:
             check_address(address)
-        try:
-            msgid = self.new_id()
-        except OSError as e:
-            raise _queue_error(e) from e
+        if msgid is None:
+            try:
+                msgid = self.new_id()
+            except OSError as e:
+                raise _queue_error(e) from e
         draft = _Draft(msgid, self.dir / "pid" / f"{pid}.{int(now)}.{msgid}")
         draft.qp = msgid if qp_is_id else pid
         fd = -1
@@ -447,6 +450,33 @@ class Queue:
         finally:
             if fd >= 0:
                 os.close(fd)
+
+    def write_draft(
+        self, message: bytes, pid: int, invoked: str, now: float
+    ) -> tuple[int, str, int]:
+        """A message to deliver at once (Send's direct delivery): a new id and
+        the file a queued message would have as mess/, with its Received line,
+        in pid/ and never synced; returns (id, path, size). Nothing refers to
+        it: a crash leaves a pid/ leftover that cleanup_orphans removes. Give it
+        back with discard_draft once no delivery reads it any more."""
+        try:
+            msgid = self.new_id()
+            path = f"{self.root.queue}/pid/{pid}.{int(now)}.{msgid}.direct"
+            fd = self._open_new(path)
+        except OSError as e:
+            raise _queue_error(e) from e
+        try:
+            head = received_line(msgid, invoked, now)
+            _write_new_bytes(fd, [head, message])
+        except OSError as e:
+            os.close(fd)
+            self._undo([path])
+            raise _queue_error(e) from e
+        os.close(fd)
+        return msgid, path, len(head) + len(message)
+
+    def discard_draft(self, path: str) -> None:
+        self._retire(path)
 
     def _undo(self, made: list[StrPath]) -> None:
         for path in reversed(made):
@@ -578,11 +608,13 @@ class Queue:
         invoked: str,
         now: float,
         qp_is_id: bool = False,
+        msgid: int | None = None,
     ) -> Steps[int]:
         """enqueue_routed as steps: each yield asks for (files, dirs) to be made
         durable before going on, so that a caller on an event loop can wait for
         its group commit without a thread of its own (an OSError from the sync
         is thrown back in, and undoes everything, as in enqueue_routed).
+        `msgid`: the id to queue it under, from new_id (a draft's, say).
 
         Contents first: the message (in pid/), the channel files at their names,
         the info file (in pid/); then the names mess/S/N and info/S/N. info is
@@ -591,7 +623,7 @@ class Queue:
         info.
         """
         addresses = [sender, *local, *remote]
-        with self._writing(message, addresses, pid, invoked, now, qp_is_id) as draft:
+        with self._writing(message, addresses, pid, invoked, now, qp_is_id, msgid) as draft:
             msgid = draft.msgid
             channels: list[StrPath] = []
             for channel, rcpts in zip(CHANNELS, (local, remote), strict=True):

@@ -350,3 +350,26 @@ def test_a_slow_password_database_never_holds_up_other_deliveries(
         syncer.close()
         group.close()
     assert len(list((home / "Maildir/new").iterdir())) == 1
+
+
+async def test_a_direct_delivery_reads_only_a_draft_in_pid(root: QmailRoot) -> None:
+    """lspawn runs as root and opens the draft it is named: only a core's
+    direct-delivery draft in the queue's pid/, never another file."""
+    make_user(root, "alice")
+    secret = root.path.parent / "secret"
+    secret.write_bytes(b"Subject: not mail\n\n")
+    elsewhere = root.queue / "pid" / "1.2.3"
+    elsewhere.write_bytes(b"Subject: no\n\n")
+    spawner = LocalSpawner(root, lambda why: None)
+    try:
+        results = [
+            await spawner.deliver("alice@mx.example.org", "a@b.test", 1, 0.0, draft=str(path))
+            for path in (secret, elsewhere, root.queue / "pid" / ".." / "1.direct")
+        ]
+    finally:
+        await spawner.close()
+    for result in results:
+        assert (result.status, result.text) == (
+            "Z",
+            "qmail-spawn unable to open message. (#4.3.0)\n",
+        )

@@ -315,6 +315,39 @@ def test_a_local_message_is_on_disk_when_data_gets_250_then_in_the_maildir(
     assert message.endswith(b"\nSubject: first\n\nmarker-4711\n")
 
 
+def test_mail_for_a_maildir_is_delivered_before_the_250_and_never_queued(
+    root: QmailRoot, mta: Mta
+) -> None:
+    """Direct delivery: the 250 comes once the message is durable in the
+    Maildir, and the log tells its story as qmail-send's would."""
+    with smtp(mta.port) as client:
+        client.ehlo()
+        client.mail(SENDER)
+        client.rcpt(POSTMASTER)
+        code, text = client.data(b"Subject: direct\r\n\r\nmarker-0815\r\n")
+        files = maildir_files(alias_maildir(mta.root))  # right after the 250
+        queued = list((mta.root.queue / "mess").glob("*/*"))
+    assert code == 250
+    qp = re.fullmatch(rb"ok \d+ qp (\d+)", text)
+    assert qp, text
+    assert [f.read_bytes().endswith(b"\nmarker-0815\n") for f in files] == [True]
+    assert queued == []
+    msgid = int(qp[1])
+    size = len(files[0].read_bytes()) - len(
+        f"Return-Path: <{SENDER}>\nDelivered-To: {POSTMASTER}\n"
+    )
+    log = mta.settled()
+    lines = [line.split(" ", 1)[1] for line in log.splitlines()]
+    story = [line for line in lines if f"msg {msgid}" in line or line.startswith("delivery ")]
+    assert [re.sub(r"\d+:", "N:", line).split(" from ")[0] for line in story] == [
+        f"new msg {msgid}",
+        f"info msg N: bytes {size}",
+        f"starting delivery N: msg {msgid} to local {POSTMASTER}",
+        "delivery N: success: did_1+0+0/",
+        f"end msg {msgid}",
+    ]
+
+
 def test_each_of_several_recipients_gets_the_message(root: QmailRoot, mta: Mta) -> None:
     rcpts = [POSTMASTER, f"root@{HOST}", f"mailer-daemon@{HOST}"]
     with smtp(mta.port) as client:
