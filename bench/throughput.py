@@ -6,7 +6,8 @@ enqueue API (as the SMTP receiver does) and time until the last is in new/.
 Prints, per run and as medians: messages per second from the first enqueue
 until the last file is in Maildir/new, fsyncs and syncfs calls per message
 made by the core process (deliveries run in a process of their own, whose
-syncs are not counted), CPU per message of both processes. Durability stays
+syncs are not counted; a message delivered directly, before its enqueue
+returns, makes none in the core), CPU per message of both processes. Durability stays
 on: every acknowledged message is on disk.
 
 Where the roots go matters on ext4 without a journal: a file created in a
@@ -227,7 +228,7 @@ def report(run: int, r: dict[str, float]) -> None:
     print(
         f"run {run + 1}: {r['rate']:.0f} msgs/s end to end"
         f" (accepted at {r['accept_rate']:.0f}/s), {r['fsyncs']:.1f} fsyncs/msg,"
-        f" {r['syncfs']:.2f} syncfs/msg, {r['cpu_ms']:.2f} ms CPU/msg",
+        f" {r['syncfs']:.2f} core syncfs/msg, {r['cpu_ms']:.2f} ms CPU/msg",
         flush=True,
     )
 
@@ -237,7 +238,7 @@ def summarise(results: list[dict[str, float]], args: argparse.Namespace) -> None
     print(
         f"median of {args.runs}: {med['rate']:.0f} msgs/s end to end, {args.messages} x"
         f" {args.size} B, {args.sessions} sessions; {med['fsyncs']:.1f} fsyncs/msg,"
-        f" {med['syncfs']:.2f} syncfs/msg,"
+        f" {med['syncfs']:.2f} core syncfs/msg,"
         f" {med['cpu_ms']:.2f} ms CPU/msg (target: 500 msgs/s)"
     )
 
