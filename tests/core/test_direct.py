@@ -9,22 +9,15 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from core import control
-from core.durable import GroupCommit, LoopGroupCommit
-from core.events import Events
-from core.log import Log
-from core.lspawn import LocalSpawner
+from core.local import Result
 from core.paths import QmailRoot
-from core.queue import Queue
-from core.send import Send
-from tests.core.test_send import Harness
+from tests.core.test_send import Harness, running
 from tests.e2e.conftest import make_user
-from tests.fakes import FakeClock
 from tests.processes import maildir_files
 
 pytestmark = pytest.mark.timeout(60)
@@ -34,41 +27,8 @@ SENDER = "bob@example.com"
 
 @pytest.fixture
 async def harness(root: QmailRoot) -> AsyncIterator[Harness]:
-    """Send as the running core has it: lspawn for local deliveries, direct ones included."""
-    clock = FakeClock()
-    events = Events()
-    events.bind(asyncio.get_running_loop())
-    log = Log(root.log, clock=clock, events=events)
-    executor = ThreadPoolExecutor(16)
-    config = [control.load(root)]
-    spawner = LocalSpawner(root, lambda why: None)
-    send = Send(
-        Queue(root, id_block=16),
-        lambda: config[0],
-        clock=clock,
-        log=log,
-        events=events,
-        local=spawner.deliver,
-        direct=spawner.deliver,
-        executor=executor,
-    )
-    durability = GroupCommit()
-    send.syncer = LoopGroupCommit(asyncio.get_running_loop(), durability)
-    h = Harness(root, send, clock, events)
-    h.config = config  # type: ignore[attr-defined]
-    stopping = asyncio.Event()
-    task = asyncio.create_task(send.run(stopping))
-    await asyncio.sleep(0.05)
-    try:
+    async with running(root, direct=True) as h:
         yield h
-    finally:
-        stopping.set()
-        await asyncio.wait_for(task, 10)
-        await spawner.close()
-        executor.shutdown()
-        send.syncer.close()
-        durability.close()
-        log.close()
 
 
 def receive(harness: Harness, rcpts: list[str]) -> asyncio.Future[int]:
@@ -214,7 +174,7 @@ async def test_a_direct_delivery_without_an_answer_in_time_is_queued_and_its_dra
     assert spawner_deliver is not None
     release = asyncio.Event()
 
-    async def stuck(rcpt: str, sender: str, msgid: int, now: float, draft: str):  # type: ignore[no-untyped-def]
+    async def stuck(rcpt: str, sender: str, msgid: int, now: float, draft: str) -> Result:
         await release.wait()
         return await spawner_deliver(rcpt, sender, msgid, now, draft)
 

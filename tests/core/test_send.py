@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -62,8 +63,10 @@ class Harness:
         await asyncio.sleep(0.05)
 
 
-@pytest.fixture
-async def harness(root: QmailRoot) -> AsyncIterator[Harness]:
+@contextlib.asynccontextmanager
+async def running(root: QmailRoot, direct: bool = False) -> AsyncIterator[Harness]:
+    """Send as the running core has it, lspawn delivering; `direct`: with
+    its direct deliveries too (the core's), else every message queued."""
     clock = FakeClock()
     events = Events()
     events.bind(asyncio.get_running_loop())
@@ -82,6 +85,7 @@ async def harness(root: QmailRoot) -> AsyncIterator[Harness]:
         events=events,
         local=spawner.deliver,
         executor=executor,
+        direct=spawner.deliver if direct else None,
     )
     durability = GroupCommit()
     send.syncer = LoopGroupCommit(asyncio.get_running_loop(), durability)  # as the core runs
@@ -97,9 +101,15 @@ async def harness(root: QmailRoot) -> AsyncIterator[Harness]:
         await asyncio.wait_for(task, 10)
         await spawner.close()
         executor.shutdown()
-        send.syncer.close()  # type: ignore[union-attr]
+        send.syncer.close()
         durability.close()
         log.close()
+
+
+@pytest.fixture
+async def harness(root: QmailRoot) -> AsyncIterator[Harness]:
+    async with running(root) as h:
+        yield h
 
 
 async def test_message_for_an_assigned_user_lands_in_maildir_and_is_removed(
