@@ -476,7 +476,10 @@ class Queue:
         return msgid, path, len(head) + len(message)
 
     def discard_draft(self, path: str) -> None:
-        self._retire(path)
+        """Give a draft's file back (to spare/). Never fails: a draft that
+        stays is only a leftover, removed when the core starts next."""
+        with contextlib.suppress(OSError):
+            self._retire(path)
 
     def _undo(self, made: list[StrPath]) -> None:
         for path in reversed(made):

@@ -26,7 +26,7 @@ import heapq
 import json
 import os
 import re
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -168,6 +168,23 @@ async def _no_remote(recipients: list[str], sender: str, msgid: int, now: float)
 
 
 Written = Callable[[int | None, BaseException | None], None]
+
+
+class _Slots:
+    """The local delivery slots a direct delivery holds: all taken when it is
+    chosen, each given back when its delivery answers."""
+
+    def __init__(self, active: dict[str, int], count: int) -> None:
+        self._active = active
+        self.held = count
+
+    def give_back(self, count: int = 1) -> None:
+        self.held -= count
+        self._active["local"] -= count
+
+    def hand_over(self, count: int) -> None:
+        """`count` slots are someone else's to give back now."""
+        self.held -= count
 
 
 def _direct_result(task: asyncio.Future[Result]) -> Result | None:
@@ -626,26 +643,22 @@ class Send:
         until its delivery answers; whatever goes wrong here, every slot is
         given back and the message is queued if `done` has not been called.
         """
-        held = [len(local)]
+        slots = _Slots(self.active, len(local))
         answered: list[bool] = []
-
-        def give_back(count: int = 1) -> None:
-            held[0] -= count
-            self.active["local"] -= count
 
         def reply(msgid: int | None, error: BaseException | None) -> None:
             answered.append(True)
             done(msgid, error)
 
         try:
-            await self._direct_slots(message, sender, local, invoked, reply, give_back, held)
+            await self._direct_slots(message, sender, local, invoked, reply, slots)
         except Exception:
             if not answered:  # our bug: queued all the same
                 self._enqueue_split(message, sender, {"local": local, "remote": []}, invoked, done)
             raise
         finally:
-            if held[0]:
-                give_back(held[0])
+            if slots.held:
+                slots.give_back(slots.held)
                 self._fill()
 
     async def _direct_slots(
@@ -655,15 +668,14 @@ class Send:
         local: list[str],
         invoked: str,
         done: Written,
-        give_back: Callable[[int], None],
-        held: list[int],
+        slots: _Slots,
     ) -> None:
         assert self.direct is not None
         now = self.clock.now()
         try:
             msgid, draft, size = self.queue.write_draft(message, procid.pid(), invoked, now)
         except QueueError:
-            give_back(len(local))
+            slots.give_back(len(local))
             self._enqueue_split(message, sender, {"local": local, "remote": []}, invoked, done)
             return
         tasks = [asyncio.ensure_future(self.direct(a, sender, msgid, now, draft)) for a in local]
@@ -675,7 +687,7 @@ class Send:
             if result is None or not result.ok:
                 rest.append(address)
                 if task in answered:
-                    give_back(1)
+                    slots.give_back()
                 continue
             if not delivered.recipients:
                 self._log_new(delivered)
@@ -683,19 +695,11 @@ class Send:
             delivered.recipients.append(recipient)
             number = self._log_start(delivered, "local", address)
             self._log_status()
-            give_back(1)
+            slots.give_back()
             self._recorded(number, delivered, recipient, "K", result.text)
             self._log_status()
-
-        def late_answer(task: asyncio.Future[Result]) -> None:
-            self.active["local"] -= 1
-            self._fill()
-
-        held[0] -= len(late)  # handed over to late_answer
-        for task in late:
-            task.add_done_callback(late_answer)
-        if late:  # a delivery may still read the draft
-            asyncio.gather(*late).add_done_callback(lambda _: self.queue.discard_draft(draft))
+        if late:  # still reading the draft: it goes when the last of them answers
+            self._after_late(late, slots, draft)
         else:
             self.queue.discard_draft(draft)
         self._fill()
@@ -707,6 +711,26 @@ class Send:
         self.log.line(f"end msg {msgid}")
         self.events.publish("removed", id=msgid)
         done(msgid, None)
+
+    def _after_late(
+        self, late: Collection[asyncio.Future[Result]], slots: _Slots, draft: str
+    ) -> None:
+        """Direct deliveries past DIRECT_WAIT keep their slots and the draft
+        until they answer; what they say no longer matters (their recipients
+        are queued)."""
+        waiting = [len(late)]
+        slots.hand_over(len(late))
+
+        def answered(task: asyncio.Future[Result]) -> None:
+            _direct_result(task)  # retrieved, so that asyncio does not report it
+            self.active["local"] -= 1
+            waiting[0] -= 1
+            if not waiting[0]:
+                self.queue.discard_draft(draft)
+            self._fill()
+
+        for task in late:
+            task.add_done_callback(answered)
 
     def adopt(
         self,
