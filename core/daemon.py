@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from core.rspawn import Remote
 
 QUEUE_THREADS = 4
+ID_BLOCK = 1024  # message ids reserved at once (see _run_locked)
 ASSIGN_CHECK = 1.0  # seconds between looks at users/assign
 
 
@@ -288,7 +289,11 @@ class Core:
         # process), and every extra runnable thread costs GIL hand-offs.
         executor = ThreadPoolExecutor(QUEUE_THREADS, thread_name_prefix="core")
         durability = GroupCommit()
-        queue = Queue(self.root, id_block=64, durability=durability)
+        # Ids are reserved in blocks, one fsync of queue/lock/nextid each, on
+        # the event loop; a restart skips the rest of a block (ids are never
+        # reused, gaps are harmless). 1,024 a block: at 1,500 messages a
+        # second, one such sync every 0.7 s instead of 23 a second.
+        queue = Queue(self.root, id_block=ID_BLOCK, durability=durability)
         self.spawner = LocalSpawner(self.root, self._lost_spawn)
         # Now, as qmail-start starts qmail-lspawn, not at the first delivery: a
         # process started while a TERM is sent to our whole group could get it
