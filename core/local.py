@@ -49,7 +49,7 @@ LOOPING = "This message is looping: it already has my Delivered-To line. (#5.4.6
 class Result:
     """A delivery's outcome in qmail-spawn's terms: K success, Z defer, D fail;
     and X, ours: not tried, since a direct delivery may only write Maildirs
-    (see MAILDIRS_ONLY)."""
+    (see NOT_MAILDIRS)."""
 
     status: str
     text: str

@@ -180,7 +180,8 @@ class Deliverer:
             drive_steps(steps, self.syncer, delivered, blocking, self.queue.durable)
             return
         try:
-            fd = os.open(message, os.O_RDONLY)
+            # A draft is the core's own file: never a link to another (we are root).
+            fd = os.open(message, os.O_RDONLY | (os.O_NOFOLLOW if draft is not None else 0))
         except OSError:
             done(Result("Z", "qmail-spawn unable to open message. (#4.3.0)\n"))
             return
@@ -202,7 +203,11 @@ class Deliverer:
         """A direct delivery's file is one the core wrote in pid/ for it, and
         nothing else: lspawn runs as root and opens it."""
         head, name = os.path.split(path)
-        return head == str(self.root.queue / "pid") and name.endswith(".direct")
+        return (
+            head == str(self.root.queue / "pid")
+            and name.endswith(".direct")
+            and not os.path.islink(path)
+        )
 
     def _route(self, rcpt: str, passwd: bool) -> Result | tuple[users.Owner, Target] | None:
         """Who delivers to `rcpt`, or the result when nobody needs to; None when

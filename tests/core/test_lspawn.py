@@ -360,11 +360,13 @@ async def test_a_direct_delivery_reads_only_a_draft_in_pid(root: QmailRoot) -> N
     secret.write_bytes(b"Subject: not mail\n\n")
     elsewhere = root.queue / "pid" / "1.2.3"
     elsewhere.write_bytes(b"Subject: no\n\n")
+    link = root.queue / "pid" / "1.2.4.direct"
+    link.symlink_to(secret)
     spawner = LocalSpawner(root, lambda why: None)
     try:
         results = [
             await spawner.deliver("alice@mx.example.org", "a@b.test", 1, 0.0, draft=str(path))
-            for path in (secret, elsewhere, root.queue / "pid" / ".." / "1.direct")
+            for path in (secret, elsewhere, link, root.queue / "pid" / ".." / "1.direct")
         ]
     finally:
         await spawner.close()
