@@ -382,24 +382,6 @@ def _report(text: str) -> str:
     return data[:2966].decode("utf-8", "surrogateescape") + "\nError report too long, sorry.\n"
 
 
-def qmail_local(
-    target: Target,
-    sender: str,
-    defaultdelivery: str,
-    message: Message,
-    *,
-    forward: Forwarder | None,
-    durable: Durability | None = None,
-    rules: Rules | None = None,
-    now: float | None = None,
-) -> Result:
-    """The whole of qmail-local for one delivery."""
-    steps = qmail_local_steps(
-        target, sender, defaultdelivery, message, forward=forward, rules=rules, now=now
-    )
-    return run_steps(steps, durable or FsyncEach())
-
-
 def qmail_local_steps(
     target: Target,
     sender: str,
@@ -411,9 +393,10 @@ def qmail_local_steps(
     now: float | None = None,
     maildirs_only: bool = False,
 ) -> Steps[Result]:
-    """qmail_local as steps (durable.Steps), for a caller with its own group commit.
-    `maildirs_only`: do nothing, and return NOT_MAILDIRS, unless every
-    instruction is a Maildir (a direct delivery)."""
+    """The whole of qmail-local for one delivery, as steps (durable.Steps): the
+    caller syncs at each, with a group commit of its own. `maildirs_only`: do
+    nothing, and return NOT_MAILDIRS, unless every instruction is a Maildir (a
+    direct delivery)."""
     when = time.time() if now is None else now
     try:
         plan = prepare(target, sender, defaultdelivery, when)

@@ -21,9 +21,8 @@ from typing import BinaryIO
 
 from core import procid
 from core.dotqmail import TEMPORARY_ERRNOS
-from core.durable import Durability, FsyncEach, Steps, run_steps
+from core.durable import Steps
 from core.paths import is_same_file
-from core.timefmt import mbox_date
 
 _deliveries = itertools.count(1)
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")[:64] or "localhost"
@@ -112,16 +111,9 @@ def header_of(source: Message) -> bytes | None:
     return start[: end + 2]
 
 
-def deliver_maildir(
-    maildir: Path, header: bytes, message: Message, durable: Durability | None = None
-) -> str:
-    """Deliver header + the message file into `maildir`; return the new/ name."""
-    return run_steps(maildir_steps(maildir, header, message), durable or FsyncEach())
-
-
 def maildir_steps(maildir: Path, header: bytes, message: Message) -> Steps[str]:
-    """deliver_maildir as steps (durable.Steps): two sync points, the file and then
-    its name in new/."""
+    """Deliver header + the message file into `maildir` as steps (durable.Steps),
+    returning the new/ name: two sync points, the file and then its name in new/."""
     # qmail-local's child chdirs to the maildir: only that failing is "Unable to
     # chdir" (a temporary errno excepted); a missing tmp/ or new/ fails later, as a
     # temporary error on maildir delivery.
@@ -167,13 +159,6 @@ def maildir_steps(maildir: Path, header: bytes, message: Message) -> Steps[str]:
     with contextlib.suppress(OSError):
         tmp.unlink()
     return name
-
-
-def from_line(sender: str, now: float) -> bytes:
-    who = sender or "MAILER-DAEMON"
-    for ch in " \t\n":
-        who = who.replace(ch, "-")
-    return f"From {who} {mbox_date(now)}\n".encode("utf-8", "surrogateescape")
 
 
 def _mboxrd(f: BinaryIO) -> Iterable[bytes]:

@@ -182,9 +182,10 @@ class _Slots:
         self.held -= count
         self._active["local"] -= count
 
-    def hand_over(self, count: int) -> None:
-        """`count` slots are someone else's to give back now."""
+    def hand_over(self, count: int) -> _Slots:
+        """`count` of these slots, to be given back by someone else."""
         self.held -= count
+        return _Slots(self._active, count)
 
 
 def _direct_result(task: asyncio.Future[Result]) -> Result | None:
@@ -680,7 +681,7 @@ class Send:
             return
         tasks = [asyncio.ensure_future(self.direct(a, sender, msgid, now, draft)) for a in local]
         answered, late = await asyncio.wait(tasks, timeout=DIRECT_WAIT)
-        delivered = Message(msgid, sender, now, size, self._uid, qp=msgid, plain=True)
+        delivered = Message(msgid, sender, now, size, self._uid, qp=msgid)
         rest: list[str] = []
         for address, task in zip(local, tasks, strict=True):
             result = _direct_result(task) if task in answered else None
@@ -718,14 +719,12 @@ class Send:
         """Direct deliveries past DIRECT_WAIT keep their slots and the draft
         until they answer; what they say no longer matters (their recipients
         are queued)."""
-        waiting = [len(late)]
-        slots.hand_over(len(late))
+        theirs = slots.hand_over(len(late))
 
         def answered(task: asyncio.Future[Result]) -> None:
             _direct_result(task)  # retrieved, so that asyncio does not report it
-            self.active["local"] -= 1
-            waiting[0] -= 1
-            if not waiting[0]:
+            theirs.give_back()
+            if not theirs.held:
                 self.queue.discard_draft(draft)
             self._fill()
 
